@@ -1,0 +1,125 @@
+"""`python -m cxr_helpers <stage> ...`: every stage, headless.
+
+Mistakes the user can fix print one sentence and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, SD15_MODEL_ID, PrepareConfig, SynthConfig, TinyModelConfig, stage_config
+from .errors import CxrError
+
+
+def _prepare(args) -> None:
+    from .data import prepare
+
+    cfg = stage_config(
+        PrepareConfig, args.preset, data_dir=args.data_dir, out=args.out, tokenizer=args.tokenizer,
+        split=args.split, test_fraction=args.test_fraction, seed=args.seed, projection=args.projection,
+        limit=args.limit, clean_prompts=args.clean_prompts or None, workers=args.workers,
+    )
+    result = prepare(cfg)
+    s = result.summary
+    print(f"{s['pairs']} pairs ({s['pairs_by_split']['train']} train / {s['pairs_by_split']['test']} test, "
+          f"{s['patients_on_both_sides']} patients on both sides), {s['excluded']} excluded: "
+          + ", ".join(f"{k} {v}" for k, v in s["excluded_by_reason"].items() if v))
+    print(f"wrote {result.out / 'pairs.csv'}, excluded.csv, summary.json")
+
+
+def _synth(args) -> None:
+    from .synthetic import make_synthetic_dataset
+
+    cfg = stage_config(SynthConfig, args.preset, out=args.out, reports=args.reports, seed=args.seed,
+                       image_size=args.image_size, broken_images=args.broken_images)
+    out = make_synthetic_dataset(cfg)
+    print(f"wrote a synthetic dataset in the Kaggle layout to {out}")
+
+
+def _tiny_model(args) -> None:
+    from .models import make_tiny_model
+
+    out = make_tiny_model(stage_config(TinyModelConfig, None, out=args.out, seed=args.seed))
+    print(f"wrote a tiny SD-shaped pipeline to {out} (StableDiffusionPipeline.from_pretrained loads it)")
+
+
+def _run_notebooks(args) -> None:
+    from .notebook import NOTEBOOKS_DIR, run_notebooks
+
+    folder = args.notebooks or (Path("notebooks") if Path("notebooks").is_dir() else NOTEBOOKS_DIR)
+    params = {}
+    for item in args.param or []:
+        name, _, value = item.partition("=")
+        if not name or not _:
+            raise CxrError(f"-p {item!r} is not NAME=VALUE; write e.g. -p SEED=1")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    done = run_notebooks(args.out, args.preset, folder, params, args.timeout, args.only)
+    for path in done:
+        print(f"executed {path}")
+    print(f"outputs and figures are under {Path(args.out).resolve()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr_helpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("prepare", help="Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json")
+    p.add_argument("--data-dir", help="dataset folder in the Kaggle layout (default on Kaggle: the mount)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", help=f"hub id or local dir of a diffusers model or tokenizer (default {SD15_MODEL_ID})")
+    p.add_argument("--split", choices=["patient", "image"], help="patient (default, no leak) or image (the seed's)")
+    p.add_argument("--test-fraction", type=float, help="share of pairs in the test split (default 0.2)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--projection", choices=["both", "frontal", "lateral"])
+    p.add_argument("--limit", type=int, help="only the first N listed images (sorted by uid)")
+    p.add_argument("--clean-prompts", action="store_true", help="strip XXXX marks, list numbers, stray punctuation")
+    p.add_argument("--workers", type=int, help="threads for the image checks (default 8)")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("synth", help="a synthetic dataset in the exact Kaggle layout (offline demo data)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reports", type=int, help="number of reports (default 400)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int, help="typical long side of the PNGs in px (default 512)")
+    p.add_argument("--broken-images", type=int, help="listed images made missing/unreadable (default 2)")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("tiny-model", help="a tiny SD-shaped diffusers pipeline with random weights")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
+    p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default ./notebooks)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
+    p.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.set_defaults(func=_run_notebooks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files already written are complete (writes are atomic)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Notebook plumbing: where inputs and outputs are (Kaggle or not, demo or real), recording
+values for tests, and running the notebooks headless through papermill."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Preset, SynthConfig, TinyModelConfig, get_preset, stage_config
+from .errors import CxrError
+from .io import KAGGLE_WORKING, on_kaggle, read_json, write_json
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def output_dir(path: str | os.PathLike = "") -> Path:
+    """The given folder, else /kaggle/working/cxr-lora on Kaggle, else ./outputs."""
+    if path:
+        return Path(path).expanduser()
+    return KAGGLE_WORKING / "cxr-lora" if on_kaggle() else Path("outputs")
+
+
+@dataclass
+class Inputs:
+    preset: Preset
+    data_dir: Path
+    model: str
+    out: Path
+
+    def figures(self, notebook: str) -> Path:
+        folder = self.out / "figures" / notebook
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def resolve_inputs(preset: str = "smoke", data_dir: str = "", model: str = "",
+                   out: str | os.PathLike = "", progress: bool = True) -> Inputs:
+    """Where this run reads its data and model from.
+
+    Offline presets build the synthetic dataset and the tiny model under OUT/demo_inputs (once;
+    later runs reuse them). Otherwise the data is the Kaggle mount (or `data_dir`) and the model
+    is the preset's hub id (or `model`).
+    """
+    from .data import resolve_data_dir
+    from .models import make_tiny_model, tiny_model_is_built
+    from .synthetic import dataset_is_built, make_synthetic_dataset
+
+    chosen = get_preset(preset)
+    out = output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if chosen.offline:
+        demo = out / "demo_inputs"
+        if not data_dir:
+            synth = stage_config(SynthConfig, preset, out=str(demo / "synthetic_data"))
+            if not dataset_is_built(synth.out, synth):
+                make_synthetic_dataset(synth, progress=progress)
+            data_dir = synth.out
+        if not model:
+            tiny = stage_config(TinyModelConfig, preset, out=str(demo / "tiny_model"))
+            if not tiny_model_is_built(tiny.out, tiny.seed):
+                make_tiny_model(tiny)
+            model = tiny.out
+    return Inputs(chosen, resolve_data_dir(data_dir), model or chosen.model, out)
+
+
+def record(out: str | os.PathLike, notebook: str, **values) -> dict:
+    """Merge `values` into OUT/records/NOTEBOOK.json (what tests read back) and return them."""
+    path = Path(out) / "records" / f"{notebook}.json"
+    current = read_json(path) if path.is_file() else {}
+    current.update(json.loads(json.dumps(values, default=str)))
+    write_json(path, current)
+    return values
+
+
+def list_notebooks(folder: str | os.PathLike = NOTEBOOKS_DIR) -> list[Path]:
+    found = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise CxrError(f"no numbered notebooks (NN_name.ipynb) in {folder}; run from the repository root "
+                       "or pass --notebooks DIR")
+    return found
+
+
+def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str | os.PathLike = NOTEBOOKS_DIR,
+                  parameters: dict | None = None, timeout: int = 1800, only: list[str] | None = None) -> list[Path]:
+    """Execute every notebook in order through papermill; executed copies go to OUT/notebooks.
+
+    Each notebook gets PRESET and OUTPUT_DIR (plus `parameters`), so all of them share one
+    output folder and each reads what the one before it wrote.
+    """
+    import papermill
+
+    get_preset(preset)
+    out = Path(out).resolve()
+    executed_dir = out / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for source in list_notebooks(notebooks):
+        if only and not any(source.name.startswith(o) for o in only):
+            continue
+        target = executed_dir / source.name
+        params = {"PRESET": preset, "OUTPUT_DIR": str(out), **(parameters or {})}
+        try:
+            papermill.execute_notebook(
+                str(source), str(target), parameters=params, kernel_name="python3",
+                execution_timeout=timeout, progress_bar=False, cwd=str(out),
+            )
+        except papermill.PapermillExecutionError as exc:
+            raise CxrError(f"notebook {source.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                           f"{exc.evalue} (the executed copy with the traceback is {target})") from None
+        done.append(target)
+    return done

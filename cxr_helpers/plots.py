@@ -1,0 +1,110 @@
+"""Figures: each function draws one figure, saves it as PNG (atomically) when given a path, and
+returns it, so a notebook cell that ends with the call shows it inline.
+
+Figures are closed in pyplot right after drawing: the notebook shows the returned figure once
+(not twice), and long runs do not pile figures up in memory.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .io import save_figure
+
+matplotlib.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False})
+
+
+def _finish(fig, save_to: str | Path | None):
+    fig.tight_layout()
+    if save_to:
+        save_figure(fig, save_to)
+    plt.close(fig)
+    return fig
+
+
+def exclusion_reasons(summary: dict, save_to=None):
+    """Kept pairs and each exclusion reason, as counts of images."""
+    counts = {"kept (pairs)": summary["pairs"], **summary["excluded_by_reason"]}
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = list(counts)
+    values = [counts[n] for n in names]
+    bars = ax.barh(names[::-1], values[::-1], color=["#4c72b0"] * (len(names) - 1) + ["#55a868"])
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("images")
+    ax.set_title(f"{summary['images_listed']} listed images: kept and excluded")
+    return _finish(fig, save_to)
+
+
+def projection_mix(pairs: pd.DataFrame, save_to=None):
+    counts = pairs.groupby(["split", "projection"]).size().unstack(fill_value=0)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    counts.plot.bar(ax=ax, rot=0)
+    ax.set_ylabel("pairs")
+    ax.set_title("Projection mix per split")
+    return _finish(fig, save_to)
+
+
+def token_lengths(n_tokens: pd.Series, limit: int = 77, save_to=None):
+    """Histogram of prompt lengths in CLIP ids (start and end included), with the limit drawn."""
+    n_tokens = n_tokens[n_tokens > 0]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    top = max(int(n_tokens.max()) if len(n_tokens) else limit, limit) + 2
+    ax.hist(n_tokens, bins=np.arange(0, top + 2, 2), color="#4c72b0")
+    ax.axvline(limit, color="#c44e52", linestyle="--", label=f"CLIP limit: {limit} ids")
+    over = int((n_tokens > limit).sum())
+    ax.set_xlabel("prompt length (CLIP token ids, start and end included)")
+    ax.set_ylabel("images")
+    ax.set_title(f"Prompt lengths: median {n_tokens.median():.0f}, {over} over the limit (excluded)")
+    ax.legend()
+    return _finish(fig, save_to)
+
+
+def top_impressions(pairs: pd.DataFrame, n: int = 15, save_to=None):
+    counts = pairs["prompt"].value_counts().head(n)
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(counts) + 1))
+    labels = [textwrap.shorten(p, 70) for p in counts.index[::-1]]
+    ax.barh(labels, counts.values[::-1], color="#4c72b0")
+    ax.set_xlabel("pairs")
+    ax.set_title(f"The {len(counts)} most common impressions ({pairs['prompt'].nunique()} distinct)")
+    return _finish(fig, save_to)
+
+
+def label_frequencies(counts: pd.Series, n: int = 15, save_to=None):
+    counts = counts.head(n)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(counts) + 1))
+    ax.barh(counts.index[::-1], counts.values[::-1], color="#8172b2")
+    ax.set_xlabel("reports")
+    ax.set_title("MeSH major terms (a report can have several)")
+    return _finish(fig, save_to)
+
+
+def image_grid(images, captions, columns: int = 4, save_to=None, title: str | None = None):
+    """Grayscale images with their (wrapped) captions underneath."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, caption in zip(axes.flat, images, captions):
+        ax.imshow(np.asarray(im), cmap="gray", vmin=0, vmax=255)
+        ax.set_title("\n".join(textwrap.wrap(caption, 34)[:4]), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, save_to)
+
+
+def split_sizes(summary: dict, save_to=None):
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    for ax, key, label in zip(axes, ("pairs_by_split", "patients_by_split"), ("pairs", "patients (uids)")):
+        values = summary[key]
+        bars = ax.bar(list(values), list(values.values()), color=["#4c72b0", "#dd8452"])
+        ax.bar_label(bars)
+        ax.set_title(label)
+    fig.suptitle(f"{summary['split']} split: {summary['patients_on_both_sides']} patients on both sides")
+    return _finish(fig, save_to)

@@ -1,0 +1,502 @@
+"""A procedural chest X-ray dataset in the exact layout of the Kaggle dataset
+raddar/chest-xrays-indiana-university, for offline runs and tests.
+
+Each report draws a set of findings; the picture is rendered from those findings and the
+impression is written from the same findings in the real reports' style (XXXX marks, numbered
+lists, stock "no acute disease" phrasings, some empty, some longer than CLIP's 77 tokens). So
+the prompt really controls the picture: a wider heart for cardiomegaly, a blunted
+costophrenic angle on the named side for an effusion, a blob in the named lobe for an opacity,
+and so on, and a model trained on it has something measurable to learn.
+
+Frontal views are PA: the patient's right is on the image's left, as on real films.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFilter
+from tqdm.auto import tqdm
+
+from .config import SynthConfig, save_config
+from .errors import CxrError
+from .io import atomic_path, write_csv, write_json
+
+IMAGES_SUBDIR = Path("images") / "images_normalized"
+REPORT_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+PROJECTION_COLUMNS = ["uid", "filename", "projection"]
+
+FINDING_KINDS = ("cardiomegaly", "effusion", "opacity", "granuloma", "atelectasis", "emphysema")
+_FINDING_WEIGHTS = np.array([0.25, 0.15, 0.2, 0.15, 0.15, 0.10])
+_P_NORMAL = 0.42
+_P_TWO_FINDINGS = 0.3  # among abnormal reports
+_P_EMPTY_IMPRESSION = 0.03
+_P_LONG_IMPRESSION = 0.03
+_P_XXXX = 0.17  # about 1 impression in 6 carries an XXXX mark in the real data
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    side: str | None = None  # "right" | "left" | "bilateral" (the patient's side)
+    zone: str | None = None  # "upper" | "lower"
+    severity: str | None = None  # "mild" | "moderate" | "small" | "large"
+
+
+@dataclass
+class Patient:
+    """Per-patient anatomy, so that two reports with the same findings still differ."""
+
+    dx: float
+    dy: float
+    scale: float
+    heart_rx: float
+    lung_rx: float
+    lung_ry: float
+    rib_phase: float
+    exposure: float
+    contrast: float
+
+
+@dataclass
+class SynthReport:
+    uid: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def normal(self) -> bool:
+        return not self.findings
+
+
+# ---------------------------------------------------------------- drawing --------------------
+
+def _smooth_mask(dist: np.ndarray, edge: float) -> np.ndarray:
+    """1 inside (dist < 0), 0 outside, with a soft edge `edge` wide: anatomy has no hard edges."""
+    return np.clip(0.5 - dist / edge, 0.0, 1.0)
+
+
+def _ellipse_dist(x, y, cx, cy, rx, ry, power: float = 2.0):
+    """Signed-ish distance (in units of the radii) to a superellipse's boundary."""
+    return (np.abs((x - cx) / rx) ** power + np.abs((y - cy) / ry) ** power) ** (1 / power) - 1.0
+
+
+def _gauss(x, y, cx, cy, sx, sy=None):
+    sy = sx if sy is None else sy
+    return np.exp(-(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2) / 2)
+
+
+def _lung_geometry(p: Patient, emphysema: bool):
+    """Centres, radii and diaphragm levels of the right (image left) and left lungs."""
+    grow = 1.08 if emphysema else 1.0
+    rx, ry = p.lung_rx * grow, p.lung_ry * (1.1 if emphysema else 1.0)
+    # Flattened, lower domes are the sign of hyperinflation.
+    dome_r = 0.70 + (0.06 if emphysema else 0.0)
+    dome_l = 0.73 + (0.06 if emphysema else 0.0)
+    dome_height = 0.025 if emphysema else 0.055
+    return {"right": (0.31, 0.47, rx, ry, dome_r, dome_height), "left": (0.69, 0.47, rx * 0.96, ry, dome_l, dome_height)}
+
+
+def _zone_y(zone: str | None, dome: float) -> float:
+    return 0.33 if zone == "upper" else dome - 0.12
+
+
+def render_frontal(findings: list[Finding], p: Patient, height: int, width: int, rng) -> np.ndarray:
+    """A PA chest film as floats in [0, 1] (bright = dense), drawn from `findings`."""
+    kinds = {f.kind for f in findings}
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    # Normalised coordinates with the patient's position and size in the film.
+    x = (xs / width - 0.5 - p.dx) / p.scale + 0.5
+    y = (ys / height - 0.5 - p.dy) / p.scale + 0.5
+
+    img = np.full((height, width), 0.06, np.float32)
+    torso = _smooth_mask(_ellipse_dist(x, y, 0.5, 0.62, 0.47, 0.62, 2.6), 0.04)
+    img += 0.42 * torso
+    # Abdomen under the diaphragm is soft-tissue dense.
+    lungs = _lung_geometry(p, "emphysema" in kinds)
+    lung_masks = {}
+    for side, (cx, cy, rx, ry, dome, dome_h) in lungs.items():
+        across = np.clip((x - cx) / rx, -1, 1)
+        dome_y = dome - dome_h * (1 - across**2)
+        outline = _ellipse_dist(x, y, cx, cy, rx, ry, 2.4)
+        below_dome = (y - dome_y) / 0.03
+        lung_masks[side] = _smooth_mask(np.maximum(outline * 8, below_dome), 0.6)
+    lung = np.maximum(lung_masks["right"], lung_masks["left"])
+    img -= (0.30 + (0.06 if "emphysema" in kinds else 0.0)) * lung * torso
+    # Hilar vessels.
+    img += 0.07 * (_gauss(x, y, 0.41, 0.46, 0.05, 0.08) + _gauss(x, y, 0.59, 0.46, 0.05, 0.08)) * lung
+    # Posterior ribs: arcs that fall laterally; brighter over the dark lungs.
+    for k in range(10):
+        base = 0.17 + 0.062 * k + p.rib_phase
+        for sign in (-1, 1):
+            lateral = np.clip(sign * (x - 0.5), 0, None)
+            curve = base + 0.55 * lateral**2 + 0.02 * lateral
+            band = _smooth_mask(np.abs(y - curve) - 0.009, 0.008) * (lateral > 0.04) * (y < 0.74)
+            img += 0.09 * band * torso
+    # Clavicles.
+    for sign in (-1, 1):
+        t = np.clip(sign * (x - 0.5), 0, 0.3)
+        img += 0.16 * _smooth_mask(np.abs(y - (0.16 + 0.12 * t)) - 0.011, 0.01) * (np.abs(x - 0.5) < 0.32) * (np.abs(x - 0.5) > 0.04)
+    # Spine and mediastinum.
+    img += 0.22 * _smooth_mask(np.abs(x - 0.5) - 0.045, 0.02) * torso
+    for f in findings:
+        sides = ("right", "left") if f.side == "bilateral" else (f.side,)
+        for side in sides:
+            if side is None:
+                continue
+            cx, cy, rx, ry, dome, dome_h = lungs[side]
+            mask = lung_masks[side]
+            lateral = np.clip((x - cx) / rx * (-1 if side == "right" else 1), 0, 1)
+            if f.kind == "effusion":
+                # Fluid fills the base and climbs laterally (a meniscus): the angle is blunted.
+                level = dome - (0.09 if f.severity == "small" else 0.2)
+                fluid = _smooth_mask((level - 0.1 * lateral**2) - y, 0.015) * np.clip(mask * 1.6, 0, 1)
+                img += 0.30 * fluid
+            elif f.kind == "opacity":
+                zy = _zone_y(f.zone, dome)
+                zx = cx + (0.02 * rng.standard_normal())
+                img += 0.26 * _gauss(x, y, zx, zy, 0.06, 0.055) * mask
+            elif f.kind == "granuloma":
+                zy = _zone_y(f.zone, dome) + 0.04 * rng.standard_normal()
+                zx = cx + 0.05 * rng.standard_normal()
+                img += 0.55 * _gauss(x, y, zx, zy, 0.009)
+            elif f.kind == "atelectasis":
+                band_y = dome - 0.09 + 0.01 * rng.standard_normal()
+                curve = band_y - 0.03 * lateral
+                img += 0.22 * _smooth_mask(np.abs(y - curve) - 0.012, 0.01) * mask
+    # Heart: sits left of the midline (image right); cardiomegaly widens it.
+    heart_rx = p.heart_rx
+    for f in findings:
+        if f.kind == "cardiomegaly":
+            heart_rx *= 1.45 if f.severity == "mild" else 1.7
+    heart_cx = 0.525 + 0.35 * (heart_rx - p.heart_rx)
+    heart = _smooth_mask(_ellipse_dist(x, y, heart_cx, 0.62, heart_rx, 0.13), 0.08)
+    img = np.maximum(img, (0.58 + 0.04 * heart) * heart + img * (1 - heart))
+    # Diaphragm / abdomen below the domes.
+    for side, (cx, cy, rx, ry, dome, dome_h) in lungs.items():
+        half = (x < 0.5) if side == "right" else (x >= 0.5)
+        across = np.clip((x - cx) / rx, -1, 1)
+        below = _smooth_mask(-(y - (dome - dome_h * (1 - across**2))) / 0.012, 1.0) * half
+        img += 0.16 * below * torso
+
+    return img
+
+
+def render_lateral(findings: list[Finding], p: Patient, height: int, width: int, rng) -> np.ndarray:
+    """A lateral film (anterior on the image's left), drawn from `findings`."""
+    kinds = {f.kind for f in findings}
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    x = (xs / width - 0.5 - p.dx) / p.scale + 0.5
+    y = (ys / height - 0.5 - p.dy) / p.scale + 0.5
+    img = np.full((height, width), 0.06, np.float32)
+    torso = _smooth_mask(_ellipse_dist(x, y, 0.5, 0.6, 0.4, 0.62, 2.4), 0.04)
+    img += 0.45 * torso
+    emph = "emphysema" in kinds
+    dome = 0.72 + (0.06 if emph else 0.0)
+    across = np.clip((x - 0.5) / 0.3, -1, 1)
+    dome_y = dome - (0.03 if emph else 0.06) * (1 - across**2)
+    outline = _ellipse_dist(x, y, 0.5, 0.47, 0.27 * (1.1 if emph else 1.0), p.lung_ry, 2.4)
+    lung = _smooth_mask(np.maximum(outline * 8, (y - dome_y) / 0.03), 0.6)
+    img -= (0.28 + (0.06 if emph else 0.0)) * lung * torso
+    # Sternum (anterior) and the vertebral column (posterior) with its disc spaces.
+    img += 0.15 * _smooth_mask(np.abs(x - 0.19) - 0.015, 0.01) * (y > 0.2) * (y < 0.65)
+    column = _smooth_mask(np.abs(x - 0.78) - 0.05, 0.02) * (y > 0.1)
+    discs = 0.5 + 0.5 * np.cos(2 * np.pi * (y / 0.055 + p.rib_phase * 10))
+    img += (0.2 + 0.08 * discs) * column * torso
+    for f in findings:
+        if f.kind == "effusion":
+            # The posterior costophrenic sulcus fills first.
+            level = dome - (0.08 if f.severity == "small" else 0.18)
+            post = np.clip((x - 0.5) / 0.25, 0, 1)
+            img += 0.28 * _smooth_mask((level - 0.1 * post**2) - y, 0.015) * np.clip(lung * 1.6, 0, 1) * (x > 0.35)
+        elif f.kind == "opacity":
+            zy = 0.33 if f.zone == "upper" else dome - 0.13
+            img += 0.24 * _gauss(x, y, 0.55 + 0.03 * rng.standard_normal(), zy, 0.07, 0.06) * lung
+        elif f.kind == "granuloma":
+            zy = (0.33 if f.zone == "upper" else dome - 0.13) + 0.04 * rng.standard_normal()
+            img += 0.5 * _gauss(x, y, 0.5 + 0.05 * rng.standard_normal(), zy, 0.009)
+        elif f.kind == "atelectasis":
+            img += 0.2 * _smooth_mask(np.abs(y - (dome - 0.09)) - 0.012, 0.01) * lung
+    # Heart: anterior and low; cardiomegaly pushes it back.
+    heart_rx = 0.14
+    for f in findings:
+        if f.kind == "cardiomegaly":
+            heart_rx *= 1.35 if f.severity == "mild" else 1.55
+    heart = _smooth_mask(_ellipse_dist(x, y, 0.3 + heart_rx * 0.6, 0.6, heart_rx, 0.14), 0.08)
+    img = np.maximum(img, 0.6 * heart + img * (1 - heart))
+    img += 0.18 * _smooth_mask(-(y - dome_y) / 0.012, 1.0) * torso
+    return img
+
+
+def _to_png_array(img: np.ndarray, p: Patient, rng) -> np.ndarray:
+    """Exposure, film grain and a little blur, then 8-bit grayscale like images_normalized."""
+    img = (img - 0.3) * p.contrast + 0.3 + p.exposure
+    img = img + rng.normal(0, 0.012, img.shape).astype(np.float32)
+    out = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8), "L")
+    out = out.filter(ImageFilter.GaussianBlur(radius=max(0.6, img.shape[0] / 400)))
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------- text -----------------------
+
+_NORMAL_IMPRESSIONS = [
+    "No acute cardiopulmonary abnormality.", "No active disease.", "No acute cardiopulmonary disease.",
+    "No acute pulmonary disease.", "No acute cardiopulmonary process.", "Negative chest x-XXXX.",
+    "No acute disease.", "Normal chest x-XXXX.", "No acute cardiopulmonary findings.",
+    "Normal chest", "No acute cardiopulmonary abnormalities.",
+]
+_SEVERITY_WORD = {"mild": "Mild", "moderate": "Moderate", "small": "Small", "large": "Large"}
+
+
+def _side_phrase(side: str) -> str:
+    return "bilateral" if side == "bilateral" else side
+
+
+def describe(f: Finding, rng) -> str:
+    """One sentence of impression for one finding, in one of the real reports' phrasings."""
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    if f.kind == "cardiomegaly":
+        sev = "Mild" if f.severity == "mild" else "Moderate"
+        return pick([f"{sev} cardiomegaly.", "Cardiomegaly.", f"{sev} enlargement of the cardiac silhouette.",
+                     "Stable cardiomegaly.", "Enlarged heart size."])
+    if f.kind == "effusion":
+        sev = _SEVERITY_WORD[f.severity]
+        if f.side == "bilateral":
+            return pick([f"{sev} bilateral pleural effusions.", "Bilateral pleural effusions."])
+        return pick([f"{sev} {f.side} pleural effusion.", f"Blunting of the {f.side} costophrenic angle consistent with {sev.lower()} effusion.",
+                     f"{sev} {f.side}-sided pleural effusion."])
+    if f.kind == "opacity":
+        lobe = f"{f.side} {f.zone} lobe"
+        return pick([f"{lobe.capitalize()} opacity concerning for pneumonia.", f"{lobe.capitalize()} airspace disease.",
+                     f"Focal {lobe} consolidation.", f"Patchy opacity in the {lobe}, may represent pneumonia."])
+    if f.kind == "granuloma":
+        return pick([f"Calcified granuloma in the {f.side} {f.zone} lobe.", f"{f.side.capitalize()} {f.zone} lobe calcified granuloma.",
+                     f"Stable calcified granuloma, {f.side} {f.zone} lobe."])
+    if f.kind == "atelectasis":
+        base = "bibasilar" if f.side == "bilateral" else f"{f.side} basilar"
+        return pick([f"{base.capitalize()} atelectasis.", f"Subsegmental {base} atelectasis.",
+                     f"{base.capitalize()} opacity likely atelectasis."])
+    if f.kind == "emphysema":
+        return pick(["Hyperexpanded lungs consistent with emphysema.", "Changes of COPD.",
+                     "Emphysema.", "Hyperinflation suggesting chronic obstructive pulmonary disease."])
+    raise ValueError(f.kind)
+
+
+_LONG_TAILS = [
+    "Compared to the prior examination dated XXXX, there has been no significant interval change in the "
+    "appearance of the cardiomediastinal silhouette, the pulmonary vasculature is within normal limits, "
+    "there is no pneumothorax, and the visualized osseous structures demonstrate mild degenerative changes "
+    "of the thoracic spine without acute fracture, recommend clinical correlation and follow-up imaging "
+    "in XXXX months if symptoms persist or worsen.",
+    "Limited examination due to patient positioning and low lung volumes, which may accentuate the "
+    "bronchovascular markings and cardiac silhouette; no definite focal consolidation, large pleural "
+    "effusion or pneumothorax is identified on this study, though a small effusion cannot be entirely "
+    "excluded, and repeat PA and lateral views are recommended when the patient is able to cooperate.",
+]
+
+
+def write_impression(report: SynthReport, rng) -> str:
+    """The impression text for a report's findings, in the real data's style."""
+    if report.normal:
+        text = _NORMAL_IMPRESSIONS[rng.integers(len(_NORMAL_IMPRESSIONS))]
+        if rng.random() < 0.12:
+            text += " Stable XXXX sternotomy changes." if rng.random() < 0.5 else " Degenerative changes of the spine."
+    else:
+        parts = [describe(f, rng) for f in report.findings]
+        if rng.random() < 0.5 and not any(f.kind in ("effusion", "opacity") for f in report.findings):
+            parts.append(rng.choice(["No acute pulmonary disease.", "No acute disease.", "No focal airspace disease."]))
+        if len(parts) > 1 and rng.random() < 0.6:
+            text = " ".join(f"{i}. {p}" for i, p in enumerate(parts, 1))  # the numbered-list style
+        else:
+            text = " ".join(parts)
+        if rng.random() < _P_XXXX:
+            text += " Comparison XXXX."
+    return text
+
+
+def write_findings(report: SynthReport) -> str:
+    kinds = {f.kind for f in report.findings}
+    heart = "The heart is enlarged." if "cardiomegaly" in kinds else "The heart size and mediastinal contours are within normal limits."
+    pleura = "There is pleural fluid." if "effusion" in kinds else "There is no pleural effusion or pneumothorax."
+    lungs = "The lungs are hyperexpanded." if "emphysema" in kinds else "The lungs are clear." if not kinds - {"cardiomegaly"} else "There are focal lung findings as described."
+    return f"{heart} {pleura} {lungs}"
+
+
+def mesh_terms(report: SynthReport) -> tuple[str, str]:
+    """MeSH (with qualifiers, ';'-separated) and Problems (major terms), as in the Kaggle CSV."""
+    if report.normal:
+        return "normal", "normal"
+    mesh, problems = [], []
+    for f in report.findings:
+        if f.kind == "cardiomegaly":
+            mesh.append(f"Cardiomegaly/{f.severity}")
+            problems.append("Cardiomegaly")
+        elif f.kind == "effusion":
+            mesh.append(f"Pleural Effusion/{f.side}/{f.severity}")
+            problems.append("Pleural Effusion")
+        elif f.kind == "opacity":
+            mesh.append(f"Opacity/lung/{f.zone} lobe/{f.side}")
+            problems.append("Opacity")
+        elif f.kind == "granuloma":
+            mesh.append(f"Calcified Granuloma/lung/{f.zone} lobe/{f.side}")
+            problems.append("Calcified Granuloma")
+        elif f.kind == "atelectasis":
+            mesh.append(f"Pulmonary Atelectasis/base/{f.side}")
+            problems.append("Pulmonary Atelectasis")
+        elif f.kind == "emphysema":
+            mesh.append("Pulmonary Emphysema")
+            problems.append("Pulmonary Emphysema")
+    return ";".join(mesh), ";".join(dict.fromkeys(problems))
+
+
+# ---------------------------------------------------------------- sampling -------------------
+
+def draw_finding(kind: str, rng) -> Finding:
+    side = ["right", "left", "bilateral"][rng.choice(3, p=[0.42, 0.42, 0.16])]
+    zone = ["upper", "lower"][rng.integers(2)]
+    if kind == "cardiomegaly":
+        return Finding(kind, severity=["mild", "moderate"][rng.integers(2)])
+    if kind == "effusion":
+        return Finding(kind, side=side, severity=["small", "large"][rng.choice(2, p=[0.7, 0.3])])
+    if kind in ("opacity", "granuloma"):
+        return Finding(kind, side=side if side != "bilateral" else "right", zone=zone)
+    if kind == "atelectasis":
+        return Finding(kind, side=side)
+    return Finding(kind)
+
+
+def draw_report(uid: int, rng) -> SynthReport:
+    if rng.random() < _P_NORMAL:
+        return SynthReport(uid)
+    n = 2 if rng.random() < _P_TWO_FINDINGS else 1
+    kinds = rng.choice(len(FINDING_KINDS), size=n, replace=False, p=_FINDING_WEIGHTS)
+    return SynthReport(uid, [draw_finding(FINDING_KINDS[k], rng) for k in sorted(kinds)])
+
+
+def draw_patient(rng) -> Patient:
+    return Patient(
+        dx=rng.normal(0, 0.02), dy=rng.normal(0, 0.02), scale=rng.uniform(0.92, 1.05),
+        heart_rx=rng.uniform(0.115, 0.135), lung_rx=rng.uniform(0.15, 0.17), lung_ry=rng.uniform(0.27, 0.31),
+        rib_phase=rng.uniform(-0.015, 0.015), exposure=rng.normal(0, 0.03), contrast=rng.uniform(0.9, 1.15),
+    )
+
+
+def render(findings: list[Finding], view: str, patient: Patient, height: int, width: int, rng) -> np.ndarray:
+    """An 8-bit grayscale film (H, W) for these findings and this view ("Frontal" or "Lateral")."""
+    draw = render_frontal if view == "Frontal" else render_lateral
+    return _to_png_array(draw(findings, patient, height, width, rng), patient, rng)
+
+
+def _views(rng) -> list[str]:
+    r = rng.random()
+    if r < 0.03:
+        return []  # some reports have no images, as in the real collection
+    if r < 0.13:
+        return ["Frontal"]
+    if r < 0.16:
+        return ["Frontal", "Lateral", "Lateral"]
+    return ["Frontal", "Lateral"]
+
+
+def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
+    """Write the dataset to `cfg.out`: indiana_reports.csv, indiana_projections.csv, the PNGs,
+    plus synthetic_labels.csv (ground truth) and synth_config.json."""
+    if cfg.reports < 1:
+        raise CxrError(f"--reports must be at least 1, got {cfg.reports}")
+    if cfg.image_size < 64:
+        raise CxrError(f"--image-size must be at least 64 px, got {cfg.image_size}")
+    out = Path(cfg.out)
+    image_dir = out / IMAGES_SUBDIR
+    image_dir.mkdir(parents=True, exist_ok=True)
+    reports, projections, labels = [], [], []
+    for uid in tqdm(range(1, cfg.reports + 1), desc="synthetic reports", disable=not progress):
+        # One generator per report, so report `uid` is the same whatever --reports is.
+        rng = np.random.default_rng([cfg.seed, uid])
+        report = draw_report(uid, rng)
+        patient = draw_patient(rng)
+        roll = rng.random()
+        if roll < _P_EMPTY_IMPRESSION:
+            impression = ""
+        elif roll < _P_EMPTY_IMPRESSION + _P_LONG_IMPRESSION:
+            impression = write_impression(report, rng) + " " + _LONG_TAILS[rng.integers(len(_LONG_TAILS))]
+        else:
+            impression = write_impression(report, rng)
+        mesh, problems = mesh_terms(report)
+        views = _views(rng)
+        reports.append({
+            "uid": uid, "MeSH": mesh, "Problems": problems,
+            "image": "Xray Chest PA and Lateral" if len(views) > 1 else "XR Chest PA",
+            "indication": f"XXXX-year-old {'male' if rng.random() < 0.5 else 'female'} with {rng.choice(['chest pain', 'dyspnea', 'cough', 'preoperative evaluation'])}.",
+            "comparison": "None." if rng.random() < 0.6 else "XXXX",
+            "findings": write_findings(report), "impression": impression,
+        })
+        labels.append({"uid": uid, "labels": ";".join(sorted({f.kind for f in report.findings})) or "normal",
+                       "findings": "|".join(f"{f.kind}:{f.side or ''}:{f.zone or ''}:{f.severity or ''}" for f in report.findings)})
+        aspect = rng.uniform(0.8, 1.25)  # real films are portrait and landscape
+        height = int(cfg.image_size * rng.uniform(0.9, 1.1))
+        width = int(height * aspect)
+        for i, view in enumerate(views):
+            code = 4001 if view == "Frontal" else 3001 - 1000 * (i - 1)
+            filename = f"{uid}_IM-{uid % 10000:04d}-{code}.dcm.png"
+            pixels = render(report.findings, view, patient, height, width, rng)
+            with atomic_path(image_dir / filename) as tmp:
+                Image.fromarray(pixels, "L").save(tmp, format="PNG", compress_level=1)
+            projections.append({"uid": uid, "filename": filename, "projection": view})
+    _break_some_images(image_dir, [p["filename"] for p in projections], cfg)
+    write_csv(out / "indiana_reports.csv", pd.DataFrame(reports, columns=REPORT_COLUMNS))
+    write_csv(out / "indiana_projections.csv", pd.DataFrame(projections, columns=PROJECTION_COLUMNS))
+    write_csv(out / "synthetic_labels.csv", pd.DataFrame(labels))
+    save_config(cfg, out / "synth_config.json",
+                note="synthetic data (procedural images, template reports): not patient data")
+    return out
+
+
+def _break_some_images(image_dir: Path, filenames: list[str], cfg: SynthConfig) -> None:
+    """Make a few listed images absent, truncated or not an image at all (the last ones listed)."""
+    for i, name in enumerate(reversed(filenames[-cfg.broken_images:] if cfg.broken_images else [])):
+        path = image_dir / name
+        if i % 3 == 0:
+            path.unlink()
+        elif i % 3 == 1:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            path.write_text("this is not a PNG\n")
+
+
+def dataset_is_built(out: str | Path, cfg: SynthConfig) -> bool:
+    """True when `out` holds a complete synthetic dataset made with exactly `cfg`'s settings."""
+    import json
+
+    marker = Path(out) / "synth_config.json"
+    if not (marker.is_file() and (Path(out) / "indiana_projections.csv").is_file()):
+        return False
+    try:
+        saved = json.loads(marker.read_text())["config"]
+    except (KeyError, ValueError):
+        return False
+    mine = {k: v for k, v in vars(cfg).items() if k != "out"}
+    return {k: saved.get(k) for k in mine} == mine
+
+
+def heart_width_fraction(pixels: np.ndarray) -> float:
+    """Rough cardiothoracic ratio of a frontal film: the width of the bright central mass in the
+    lower chest over the width of the chest. Used to check that prompts control the pictures."""
+    img = np.asarray(pixels, dtype=np.float32)
+    h, w = img.shape
+    rows = img[int(h * 0.58): int(h * 0.66)].mean(axis=0)
+    body = rows > rows.min() + 0.25 * (rows.max() - rows.min())
+    dense = rows > rows.min() + 0.65 * (rows.max() - rows.min())
+    centre = w // 2
+    # Walk out from the midline while the row stays dense: that is the heart's shadow.
+    left = centre
+    while left > 0 and dense[left - 1]:
+        left -= 1
+    right = centre
+    while right < w - 1 and dense[right + 1]:
+        right += 1
+    chest = max(1, int(body.sum()))
+    return (right - left) / chest if not math.isnan(rows.max()) else 0.0
