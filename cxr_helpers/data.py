@@ -110,8 +110,9 @@ _LIST_NUMBER = re.compile(r"(?:(?<=\s)|^)\d{1,2}[.)]\s+(?=\S)")
 
 def clean_prompt(text: str) -> str:
     """Optional cleaning: drop XXXX de-identification marks, list numbering and the stray
-    punctuation they leave ("x-XXXX." -> "x-ray" is not guessed: the word is just removed)."""
+    punctuation they leave. "x-XXXX" becomes "x-ray": the de-identifier masked the word "ray"."""
     text = collapse_whitespace(text)
+    text = re.sub(r"\b([xX])-XXXX\b", r"\1-ray", text)
     text = _XXXX.sub("", text)
     text = _LIST_NUMBER.sub("", text)
     text = re.sub(r"\s+([.,;:])", r"\1", text)  # space before punctuation

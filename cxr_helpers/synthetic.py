@@ -13,7 +13,6 @@ Frontal views are PA: the patient's right is on the image's left, as on real fil
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -483,20 +482,19 @@ def dataset_is_built(out: str | Path, cfg: SynthConfig) -> bool:
 
 
 def heart_width_fraction(pixels: np.ndarray) -> float:
-    """Rough cardiothoracic ratio of a frontal film: the width of the bright central mass in the
-    lower chest over the width of the chest. Used to check that prompts control the pictures."""
+    """Rough cardiothoracic ratio of a frontal film: the width of the heart's shadow in the lower
+    chest over the width of the body. Used to check that prompts control the pictures."""
     img = np.asarray(pixels, dtype=np.float32)
     h, w = img.shape
-    rows = img[int(h * 0.58): int(h * 0.66)].mean(axis=0)
-    body = rows > rows.min() + 0.25 * (rows.max() - rows.min())
-    dense = rows > rows.min() + 0.65 * (rows.max() - rows.min())
-    centre = w // 2
-    # Walk out from the midline while the row stays dense: that is the heart's shadow.
-    left = centre
-    while left > 0 and dense[left - 1]:
+    row = img[int(h * 0.53): int(h * 0.6)].mean(axis=0)
+    lung_level = np.percentile(row, 15)
+    heart_level = row[int(w * 0.58)]  # just left of the spine: heart in every film
+    threshold = (lung_level + heart_level) / 2
+    # Walk out from the midline while the row stays heart-dense.
+    left = right = w // 2
+    while left > 0 and row[left - 1] > threshold:
         left -= 1
-    right = centre
-    while right < w - 1 and dense[right + 1]:
+    while right < w - 1 and row[right + 1] > threshold:
         right += 1
-    chest = max(1, int(body.sum()))
-    return (right - left) / chest if not math.isnan(rows.max()) else 0.0
+    body = row > row.min() + 0.3 * (row.max() - row.min())
+    return float((right - left) / max(1, int(body.sum())))

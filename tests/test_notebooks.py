@@ -1,0 +1,72 @@
+"""Every notebook runs headless through papermill on the smoke preset, and records values the
+tests check against the files it wrote. Notebooks are committed without outputs."""
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from cxr_helpers.notebook import list_notebooks, run_notebooks
+
+NOTEBOOKS = list_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_thin_notebook_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged parameters"
+    for stmt in ast.parse(tagged[0].source).body:  # UPPER_CASE literals, one comment each
+        assert isinstance(stmt, ast.Assign) and stmt.targets[0].id.isupper()
+        ast.literal_eval(stmt.value)
+    assert all("#" in line for line in tagged[0].source.splitlines() if "=" in line)
+    for cell in code:
+        tree = ast.parse(cell.source)
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree)), "no defs in notebooks"
+        assert "sys.path" not in cell.source
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    executed = run_notebooks(out, "smoke", NOTEBOOKS[0].parent, timeout=600)
+    return out, executed
+
+
+def test_every_notebook_runs_on_the_smoke_preset(demo_run):
+    out, executed = demo_run
+    assert [p.name for p in executed] == [p.name for p in NOTEBOOKS]
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata["papermill"]["exception"] in (None, False)
+        images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert images >= 1, f"{path.name} shows no figure inline"
+
+
+def test_notebook_01_records_what_it_wrote(demo_run):
+    out, _ = demo_run
+    rec = json.loads((out / "records" / "01_data_exploration.json").read_text())
+    pairs = pd.read_csv(rec["pairs_csv"])
+    summary = json.loads((Path(rec["pairs_csv"]).parent / "summary.json").read_text())
+    assert rec["pairs"] == len(pairs) == summary["pairs"] > 50
+    assert rec["patients_on_both_sides"] == 0 == pairs.groupby("uid")["split"].nunique().gt(1).sum()
+    assert rec["pairs_by_split"] == {s: int((pairs["split"] == s).sum()) for s in ("train", "test")}
+    assert rec["excluded_by_reason"]["missing_image"] >= 1 and rec["excluded_by_reason"]["unreadable_image"] >= 1
+    assert rec["tokens_over_limit"] == rec["excluded_by_reason"]["too_long"] > 0
+    assert rec["grid_images"] == 8
+    figures = out / "figures" / "01_data_exploration"
+    expected = {"exclusions.png", "projections.png", "token_lengths.png", "top_impressions.png",
+                "mesh_terms.png", "image_grid.png", "split.png"}
+    assert set(rec["figures"]) == expected and all((figures / f).stat().st_size > 1000 for f in expected)
