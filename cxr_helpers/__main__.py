@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, SD15_MODEL_ID, PrepareConfig, SynthConfig, TinyModelConfig, stage_config
+import dataclasses
+
+from .config import PRESETS, SD15_MODEL_ID, PrepareConfig, SynthConfig, TinyModelConfig, TrainConfig, stage_config
 from .errors import CxrError
 
 
@@ -44,6 +46,62 @@ def _tiny_model(args) -> None:
 
     out = make_tiny_model(stage_config(TinyModelConfig, None, out=args.out, seed=args.seed))
     print(f"wrote a tiny SD-shaped pipeline to {out} (StableDiffusionPipeline.from_pretrained loads it)")
+
+
+TRAIN_HELP = {
+    "pairs": "pairs.csv from prepare (its train split is used)",
+    "data_dir": "dataset folder the pairs point into (default on Kaggle: the mount)",
+    "model": f"hub id or local diffusers dir (default {SD15_MODEL_ID})",
+    "out": "output folder: lora/, loss.csv, checkpoints/, figures/",
+    "cache_dir": "where latents and text embeddings are cached (default OUT/cache)",
+    "epochs": "train this many passes over the pairs (overrides --max-steps)",
+    "lr_scheduler": "constant, constant_with_warmup, cosine, linear, polynomial",
+    "alpha": "LoRA alpha (default: the rank)",
+    "mixed_precision": "no, fp16 (GPU) or bf16 (cards that have it)",
+    "snr_gamma": "min-SNR loss weighting gamma (e.g. 5.0)",
+    "prediction_type": "epsilon or v_prediction (default: the scheduler's)",
+    "random_flip": "mirror images at random (both flips are cached)",
+    "checkpoint_every": "write a checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "keep the last K checkpoints",
+    "resume": "latest, or a checkpoint folder",
+    "validation_every": "validation images every N steps (0: only at the end)",
+    "validation_prompts": "prompts for validation images (default: the most common test prompts)",
+}
+
+
+def _add_config_options(parser, cls, help_text, required=()):
+    """One --option per dataclass field; None defaults so the preset's values apply."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        extra = {"help": help_text.get(f.name, "")}
+        if f.name in required:
+            extra["required"] = True
+        if kind.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **extra)
+        elif kind.startswith("tuple"):
+            item = int if "int" in kind else str
+            parser.add_argument(flag, nargs="+", type=item, default=None, **extra)
+        else:
+            caster = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=caster, default=None, **extra)
+
+
+def _train(args) -> None:
+    from .train import train
+
+    from .config import config_to_dict, load_config
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.config_file:  # a saved TrainConfig (run_training writes one for accelerate launch)
+        base = config_to_dict(load_config(TrainConfig, args.config_file))
+        values = {**base, **{k: v for k, v in values.items() if v is not None}}
+    elif not values["pairs"] or not values["out"]:
+        raise CxrError("train needs --pairs PAIRS_CSV and --out DIR (or --config-file FILE)")
+    cfg = stage_config(TrainConfig, args.preset, **values)
+    result = train(cfg)
+    print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
+          f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
 
 
 def _run_notebooks(args) -> None:
@@ -97,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_tiny_model)
 
+    p = sub.add_parser("train", help="LoRA fine-tuning on cached latents (accelerate launch -m cxr_helpers train for multi-GPU)")
+    _add_config_options(p, TrainConfig, TRAIN_HELP)
+    p.add_argument("--config-file", help="a saved train config (JSON) to start from")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="hardware profile: kaggle-t4x2, kaggle-p100, cpu-smoke")
+    p.set_defaults(func=_train)
+
     p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
     p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")
-    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS) + ["auto"])
     p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default ./notebooks)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01")

@@ -58,7 +58,51 @@ class PrepareConfig:
     workers: int = 8  # threads for the image header checks (I/O bound)
 
 
-STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig)}
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet's attention projections
+
+
+@dataclass
+class TrainConfig:
+    """`train`: LoRA on the UNet, VAE and text encoder frozen, on cached latents and embeddings."""
+
+    STAGE: ClassVar[str] = "train"
+    pairs: str = ""  # pairs.csv from prepare (its train split is used)
+    data_dir: str = ""  # the dataset folder the pairs point into ("" = the Kaggle mount on Kaggle)
+    model: str = SD15_MODEL_ID  # hub id or local diffusers dir
+    out: str = "train"
+    cache_dir: str = ""  # "" = OUT/cache; latents and text embeddings, reused across runs
+    resolution: int = 128
+    fit: str = "stretch"  # stretch (the seed) | pad | crop
+    batch_size: int = 4  # per process (per GPU)
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    epochs: float | None = None  # if set, overrides max_steps
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization name: constant, cosine, linear...
+    lr_warmup_steps: int = 0
+    rank: int = 4
+    alpha: float | None = None  # None = rank (scale 1)
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    snr_gamma: float | None = None  # min-SNR weighting (5.0 is the usual value)
+    noise_offset: float = 0.0
+    prediction_type: str = ""  # "" = the scheduler's (SD1.5: epsilon) | epsilon | v_prediction
+    gradient_checkpointing: bool = False
+    random_flip: bool = False  # both flips are cached, so flipping costs nothing per step
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" | latest | a checkpoint dir
+    validation_every: int = 0  # steps; 0 = only at the end
+    validation_prompts: tuple[str, ...] = ()  # () = the most common test-split prompts
+    validation_seeds: tuple[int, ...] = (0, 1)
+    validation_steps: int = 20  # sampler steps for validation images
+
+
+STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig)}
 
 
 @dataclass
@@ -72,6 +116,17 @@ class Preset:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+_CPU_SMOKE_TRAIN = dict(
+    batch_size=2, max_steps=6, learning_rate=1e-3, checkpoint_every=3, validation_every=3,
+    validation_steps=4, validation_seeds=(0, 1), rank=4,
+)
+# 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
+_KAGGLE_TRAIN = dict(
+    batch_size=16, max_steps=3000, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100,
+    mixed_precision="fp16", checkpoint_every=250, keep_checkpoints=2, validation_every=500,
+    snr_gamma=5.0, random_flip=False, rank=8,
+)
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
@@ -79,7 +134,28 @@ PRESETS: dict[str, Preset] = {
         "model, seconds on a CPU",
         offline=True,
         model="",
-        stages={"synth": {"reports": 80, "image_size": 320}},
+        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN)},
+    ),
+    "cpu-smoke": Preset(
+        name="cpu-smoke",
+        description="the smoke preset's offline inputs with a few CPU training steps",
+        offline=True,
+        model="",
+        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN)},
+    ),
+    "kaggle-t4x2": Preset(
+        name="kaggle-t4x2",
+        description="Kaggle's T4 x2 (fp16, no bf16): `accelerate launch --num_processes 2`, batch 16 per GPU",
+        offline=False,
+        model=SD15_MODEL_ID,
+        stages={"train": dict(_KAGGLE_TRAIN)},
+    ),
+    "kaggle-p100": Preset(
+        name="kaggle-p100",
+        description="Kaggle's P100 (fp16, no bf16, no tensor cores); needs a torch built with sm_60",
+        offline=False,
+        model=SD15_MODEL_ID,
+        stages={"train": dict(_KAGGLE_TRAIN)},
     ),
     "sd15": Preset(
         name="sd15",
@@ -108,7 +184,11 @@ def stage_config(cls: type[C], preset: str | None = None, **overrides: Any) -> C
     if preset:
         values.update(get_preset(preset).stages.get(cls.STAGE, {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
+    for key, value in list(values.items()):  # JSON gives lists where the dataclass has tuples
+        if isinstance(value, list) and key in fields and "tuple" in str(fields[key].type):
+            values[key] = tuple(value)
     unknown = sorted(set(values) - names)
     if unknown:
         raise CxrError(f"{cls.__name__} has no setting {', '.join(unknown)}; known: {', '.join(sorted(names))}")

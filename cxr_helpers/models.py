@@ -236,9 +236,12 @@ def build_tiny_pipeline(seed: int = 0):
     vae = AutoencoderKL(**tiny_vae_config())
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
+    scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    # SD1.5's scheduler_config.json carries clip_sample=false (read by DDPM/DDIM in training).
+    scheduler.register_to_config(clip_sample=False)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -268,3 +271,94 @@ def tiny_model_is_built(out: str | Path, seed: int) -> bool:
         return json.loads(marker.read_text())["config"]["seed"] == seed
     except (KeyError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------- training parts -------------
+
+def load_training_parts(model: str | Path, weight_dtype=None):
+    """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a diffusers model, hub id or dir.
+
+    The noise scheduler is a DDPMScheduler built from the model's scheduler config (as the
+    diffusers training examples do), so its prediction type is the model's.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as df_logging
+    from transformers import CLIPTextModel
+
+    df_logging.set_verbosity_error()
+    model = str(model)
+    if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
+        raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
+                       "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
+    tokenizer = load_tokenizer(model)
+    kwargs = {} if weight_dtype is None else {"torch_dtype": weight_dtype}
+
+    def part(cls, subfolder, **extra):
+        def loader(name, **kw):
+            return cls.from_pretrained(name, subfolder=subfolder, **kw, **extra)
+        if _is_local(model):
+            try:
+                return loader(str(Path(model).expanduser()))
+            except Exception as exc:
+                raise CxrError(f"could not load {subfolder}/ of {model} ({exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0][:160]}); is it a complete diffusers model?") from None
+        return _from_hub(loader, model, f"model's {subfolder}")
+
+    text_encoder = part(CLIPTextModel, "text_encoder", **kwargs)
+    vae = part(AutoencoderKL, "vae", **kwargs)
+    unet = part(UNet2DConditionModel, "unet", **kwargs)
+    noise_scheduler = part(DDPMScheduler, "scheduler")
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+# ---------------------------------------------------------------- SD1.5-shaped parts ---------
+
+def sd15_unet_config() -> dict:
+    """SD1.5's UNet config (facts.md): 860 M parameters."""
+    return dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+
+
+def sd15_vae_config() -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512, scaling_factor=SD15_LATENT_SCALE,
+    )
+
+
+def sd15_text_config() -> dict:
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_TOKENS, hidden_size=768,
+        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu",
+        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+def sd15_shaped_parts(seed: int = 0, device: str = "cpu", dtype=None):
+    """SD1.5-shaped (tokenizer, text_encoder, vae, unet, noise_scheduler) with random weights:
+    the same compute and memory as the real model, for benchmarks where its weights cannot be had."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(write_clip_tokenizer(tmp))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**sd15_text_config()))
+        vae = AutoencoderKL(**sd15_vae_config())
+        unet = UNet2DConditionModel(**sd15_unet_config())
+    if dtype is not None:
+        for part in (text_encoder, vae, unet):
+            part.to(dtype)
+    scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"})
+    return tokenizer, text_encoder, vae, unet, scheduler

@@ -35,7 +35,19 @@ class Inputs:
         return folder
 
 
-def resolve_inputs(preset: str = "smoke", data_dir: str = "", model: str = "",
+def auto_preset() -> str:
+    """On Kaggle the GPU profile (two cards: T4 x2, one: P100) or sd15 without a GPU; elsewhere
+    the offline smoke preset."""
+    if not on_kaggle():
+        return "smoke"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "sd15"
+    return "kaggle-t4x2" if torch.cuda.device_count() >= 2 else "kaggle-p100"
+
+
+def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
                    out: str | os.PathLike = "", progress: bool = True) -> Inputs:
     """Where this run reads its data and model from.
 
@@ -47,7 +59,7 @@ def resolve_inputs(preset: str = "smoke", data_dir: str = "", model: str = "",
     from .models import make_tiny_model, tiny_model_is_built
     from .synthetic import dataset_is_built, make_synthetic_dataset
 
-    chosen = get_preset(preset)
+    chosen = get_preset(auto_preset() if preset == "auto" else preset)
     out = output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if chosen.offline:
@@ -63,6 +75,21 @@ def resolve_inputs(preset: str = "smoke", data_dir: str = "", model: str = "",
                 make_tiny_model(tiny)
             model = tiny.out
     return Inputs(chosen, resolve_data_dir(data_dir), model or chosen.model, out)
+
+
+def prepared_pairs(inputs: Inputs, progress: bool = True) -> Path:
+    """OUT/data/pairs.csv: notebook 01's, when it ran into this output folder; else made now
+    with the preset's settings (the same rule and split)."""
+    from .config import PrepareConfig
+    from .data import prepare
+
+    pairs = inputs.out / "data" / "pairs.csv"
+    if pairs.is_file():
+        return pairs
+    cfg = stage_config(PrepareConfig, inputs.preset.name, data_dir=str(inputs.data_dir),
+                       out=str(pairs.parent), tokenizer=inputs.model)
+    prepare(cfg, progress=progress)
+    return pairs
 
 
 def record(out: str | os.PathLike, notebook: str, **values) -> dict:
@@ -91,7 +118,7 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
     """
     import papermill
 
-    get_preset(preset)
+    get_preset(auto_preset() if preset == "auto" else preset)
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)

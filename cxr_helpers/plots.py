@@ -108,3 +108,17 @@ def split_sizes(summary: dict, save_to=None):
         ax.set_title(label)
     fig.suptitle(f"{summary['split']} split: {summary['patients_on_both_sides']} patients on both sides")
     return _finish(fig, save_to)
+
+
+def loss_curve(loss: pd.DataFrame, save_to=None, smoothing: float = 0.9):
+    """Training loss per step, raw and smoothed (exponential moving average, bias-corrected)."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(loss["step"], loss["loss"], color="#4c72b0", alpha=0.35, linewidth=1, label="loss")
+    if len(loss):
+        smooth = loss["loss"].ewm(alpha=1 - smoothing, adjust=True).mean()
+        ax.plot(loss["step"], smooth, color="#4c72b0", linewidth=2, label=f"EMA ({smoothing})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_title(f"Training loss ({len(loss)} steps)")
+    ax.legend()
+    return _finish(fig, save_to)

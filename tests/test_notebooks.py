@@ -70,3 +70,15 @@ def test_notebook_01_records_what_it_wrote(demo_run):
     expected = {"exclusions.png", "projections.png", "token_lengths.png", "top_impressions.png",
                 "mesh_terms.png", "image_grid.png", "split.png"}
     assert set(rec["figures"]) == expected and all((figures / f).stat().st_size > 1000 for f in expected)
+
+
+def test_notebook_02_trains_and_records_a_loadable_lora(demo_run):
+    out, _ = demo_run
+    rec = json.loads((out / "records" / "02_lora_finetune.json").read_text())
+    loss = pd.read_csv(out / "train" / "loss.csv")
+    assert rec["steps_done"] == rec["loss_rows"] == len(loss) == loss["step"].max() > 0
+    assert rec["final_loss"] == pytest.approx(float(loss["loss"].iloc[-1]))
+    assert (Path(rec["lora_dir"]) / "pytorch_lora_weights.safetensors").is_file()
+    assert set(rec["figures"]) == {"loss_curve.png", "base_vs_lora.png"}
+    # it reused notebook 01's pairs rather than preparing again
+    assert json.loads((out / "train" / "lora" / "config.json").read_text())["config"]["pairs"] == str(out / "data" / "pairs.csv")

@@ -1,0 +1,703 @@
+"""The training stage: LoRA on SD1.5's UNet, on accelerate.
+
+The VAE and the text encoder are frozen, so their outputs never change: every training image's
+latent distribution (both flips when flipping is on) and every distinct prompt's embedding are
+computed once, cached on disk, and reused by every step and every later run. The loop then
+runs the UNet only, which is most of the per-step cost of the diffusers reference loop but not
+all of it (facts.md: the VAE encode alone is a third of it).
+
+Every step draws its randomness from generators seeded by (seed, step), and checkpoints hold
+the LoRA, the optimizer and the LR schedule as safetensors + JSON: a run killed at any moment
+resumes with `--resume latest` and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, config_to_dict, save_config
+from .errors import CxrError
+from .io import atomic_path, library_versions, read_json, write_csv, write_json, write_text
+
+LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
+RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
+                     "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
+                     "mixed_precision", "snr_gamma", "noise_offset", "random_flip", "lora_dropout")
+
+
+# ---------------------------------------------------------------- checks ---------------------
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse bad settings before anything is loaded."""
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise CxrError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
+    for name in ("batch_size", "grad_accum", "rank"):
+        if getattr(cfg, name) < 1:
+            raise CxrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.epochs is None and cfg.max_steps < 1:
+        raise CxrError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise CxrError(f"--epochs must be positive, got {cfg.epochs}")
+    if not cfg.learning_rate > 0:
+        raise CxrError(f"--learning-rate must be positive, got {cfg.learning_rate}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise CxrError(f"--mixed-precision {cfg.mixed_precision!r} is not known; use no, fp16 or bf16")
+    if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
+        raise CxrError(f"--prediction-type {cfg.prediction_type!r} is not known; use epsilon or v_prediction")
+    if cfg.fit not in ("stretch", "pad", "crop"):
+        raise CxrError(f"--fit {cfg.fit!r} is not known; use stretch, pad or crop")
+    if cfg.checkpoint_every < 0 or cfg.validation_every < 0 or cfg.keep_checkpoints < 1:
+        raise CxrError("--checkpoint-every and --validation-every must be 0 or more, --keep-checkpoints at least 1")
+
+
+def check_device(mixed_precision: str) -> str:
+    """The device to train on; stops with a sentence when the card or precision cannot work."""
+    if not torch.cuda.is_available():
+        if mixed_precision == "fp16":
+            raise CxrError("--mixed-precision fp16 needs a GPU and none is visible; use --mixed-precision no "
+                           "on a CPU (or turn the GPU accelerator on in Kaggle's notebook settings)")
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    built = torch.cuda.get_arch_list()
+    name = torch.cuda.get_device_name()
+    # A build runs on a card when it has kernels for its arch (or PTX of a lower one to JIT).
+    has_kernels = arch in built or any(a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor for a in built)
+    if built and not has_kernels:
+        raise CxrError(
+            f"this torch {torch.__version__} has no kernels for the {name} ({arch}; built for {', '.join(built)}): "
+            "on Kaggle pick the GPU T4 x2 accelerator (preset kaggle-t4x2), or pin the original "
+            "environment in the notebook's settings, or install a torch built for that card")
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise CxrError(f"the {name} has no bf16; use --mixed-precision fp16")
+    return "cuda"
+
+
+# ---------------------------------------------------------------- encodings cache ------------
+
+@dataclass
+class Encodings:
+    """Frozen-encoder outputs for every training pair, on the CPU."""
+
+    moments: torch.Tensor  # (N, 2 * latent_channels, h, w): the VAE's mean and log-variance
+    moments_flipped: torch.Tensor | None  # the same for the mirrored images
+    prompt_index: torch.Tensor  # (N,) row of `embeddings` for each pair
+    embeddings: torch.Tensor  # (P, 77, D): one per distinct prompt
+    key: str
+    hit: bool  # True when read from the cache, nothing encoded
+    encoded_images: int
+    encoded_prompts: int
+
+
+def _model_fingerprint(model: str) -> str:
+    """What identifies the encoders: the hub id, or a local dir's weight files (name, size, mtime)."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    parts = []
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        for f in sorted((path / sub).glob("*")):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return str(path.resolve()) + "|" + "|".join(parts)
+
+
+def cache_key(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, weight_dtype: torch.dtype) -> str:
+    h = hashlib.sha256()
+    h.update(_model_fingerprint(cfg.model).encode())
+    h.update(f"|{cfg.resolution}|{cfg.fit}|{cfg.random_flip}|{weight_dtype}|".encode())
+    for filename, prompt in zip(pairs["filename"], pairs["prompt"]):
+        source = data_dir / "images" / "images_normalized" / filename
+        stat = source.stat() if source.exists() else None
+        h.update(f"{filename}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}:{prompt}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def encode_prompts(prompts: list[str], tokenizer, text_encoder, device, batch_size: int = 64) -> torch.Tensor:
+    """CLIP last hidden states (P, 77, D), padded to 77 like SD1.5's pipeline does."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out.append(text_encoder(ids.to(device), return_dict=False)[0].cpu())
+    return torch.cat(out)
+
+
+def encode_images(pixels: torch.Tensor, vae, device, dtype) -> torch.Tensor:
+    """The VAE posterior's parameters (mean and log-variance), not a sample: each step samples."""
+    with torch.no_grad():
+        return vae.encode(pixels.to(device, dtype)).latent_dist.parameters.cpu()
+
+
+def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, cache_dir: Path,
+                            tokenizer, text_encoder, vae, device, weight_dtype, progress: bool = True) -> Encodings:
+    from safetensors.torch import load_file, save_file
+
+    from .data import ChestXrayDataset
+
+    key = cache_key(cfg, pairs, data_dir, weight_dtype)
+    path = cache_dir / f"encodings-{key}.safetensors"
+    prompts = sorted(set(pairs["prompt"]))
+    index = {p: i for i, p in enumerate(prompts)}
+    prompt_index = torch.tensor([index[p] for p in pairs["prompt"]], dtype=torch.long)
+    if path.is_file():
+        cached = load_file(str(path))
+        return Encodings(cached["moments"], cached.get("moments_flipped"), prompt_index, cached["embeddings"],
+                         key, True, 0, 0)
+    dataset = ChestXrayDataset(pairs, data_dir, cfg.resolution, cache_dir=cache_dir / "images", fit=cfg.fit)
+    dataset.warm_cache(progress=progress)
+    moments, flipped = [], []
+    step = 16
+    for start in tqdm(range(0, len(dataset), step), desc="encoding images (once)", disable=not progress):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + step, len(dataset)))])
+        moments.append(encode_images(pixels, vae, device, weight_dtype))
+        if cfg.random_flip:
+            flipped.append(encode_images(pixels.flip(-1), vae, device, weight_dtype))
+    embeddings = encode_prompts(prompts, tokenizer, text_encoder, device)
+    tensors = {"moments": torch.cat(moments).contiguous(), "embeddings": embeddings.contiguous()}
+    if flipped:
+        tensors["moments_flipped"] = torch.cat(flipped).contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, "model": cfg.model, "resolution": str(cfg.resolution)})
+    return Encodings(tensors["moments"], tensors.get("moments_flipped"), prompt_index, embeddings, key, False,
+                     len(dataset), len(prompts))
+
+
+# ---------------------------------------------------------------- the step -------------------
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    """All randomness of one micro-batch comes from here: resuming replays it exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 101 + process)
+
+
+def batch_indices(n: int, seed: int, position: int, size: int) -> list[int]:
+    """`size` indices from an endless stream of seeded per-epoch permutations of range(n)."""
+    out = []
+    while len(out) < size:
+        epoch, offset = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+        take = perm[offset: offset + size - len(out)].tolist()
+        out += take
+        position += len(take)
+    return out
+
+
+def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, cfg: TrainConfig,
+                   prediction_type: str) -> torch.Tensor:
+    """Noise-prediction MSE (optionally min-SNR weighted), as in diffusers' LoRA example."""
+    from diffusers.training_utils import compute_snr
+
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+    if cfg.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=cfg.snr_gamma)
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    return (loss * weights).mean()
+
+
+def sample_latents(enc: Encodings, rows: list[int], generator, flips: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """A latent sample from each row's cached posterior (mirrored rows from the flipped cache)."""
+    moments = enc.moments[rows]
+    if flips is not None and enc.moments_flipped is not None:
+        moments = torch.where(flips[:, None, None, None], enc.moments_flipped[rows], moments)
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+
+
+# ---------------------------------------------------------------- checkpoints ----------------
+
+def _lora_state(unet) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    return sorted(folder.glob("step-[0-9]*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+
+
+def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: TrainConfig, loss_rows: list[dict]) -> Path:
+    """Write checkpoints/step-N atomically (a temp dir renamed into place), then prune old ones.
+
+    If anything fails while writing, the temp dir is removed and the previous checkpoint stays.
+    """
+    from safetensors.torch import save_file
+
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = checkpoint_dirs(out)
+    try:
+        tmp.mkdir()
+        save_file(_lora_state(unet), str(tmp / "lora.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", meta)
+        write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                                        "config": config_to_dict(cfg)})
+        write_csv(tmp / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = previous[-1] if previous else None
+        raise CxrError(f"could not write the checkpoint at step {step} ({exc.__class__.__name__}: {exc}); "
+                       + (f"the previous checkpoint {kept} is intact: free disk space and run again with --resume latest"
+                          if kept else "no earlier checkpoint exists: free disk space and start again")) from None
+    for old in checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: None))
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume == "latest":
+        found = checkpoint_dirs(out)
+        if not found:
+            raise CxrError(f"--resume latest: {out / 'checkpoints'} holds no checkpoint; start without --resume")
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / "state.json").is_file() or not (path / "lora.safetensors").is_file():
+        raise CxrError(f"--resume {resume}: not a checkpoint folder (it needs state.json and lora.safetensors); "
+                       f"use --resume latest or a folder under {out / 'checkpoints'}")
+    return path
+
+
+# ---------------------------------------------------------------- saving the LoRA ------------
+
+def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:
+    """OUT/lora/: the diffusers-format LoRA, config.json and the model card, swapped in whole."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    target = out / "lora"
+    tmp = out / f".tmp-lora-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, weight_name=LORA_WEIGHTS)
+    write_json(tmp / "config.json", {"base_model": cfg.model, "config": config_to_dict(cfg), **info,
+                                     "versions": library_versions()})
+    write_text(tmp / "README.md", model_card(cfg, info))
+    old = out / f".old-lora-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def model_card(cfg: TrainConfig, info: dict) -> str:
+    data = info.get("data_summary") or {}
+    return f"""---
+base_model: {cfg.model}
+library_name: diffusers
+tags: [stable-diffusion, lora, text-to-image, chest-x-ray, research-only]
+---
+
+# Chest X-ray LoRA for {cfg.model}
+
+A LoRA (rank {cfg.rank}, alpha {cfg.alpha or cfg.rank}, on the UNet's {', '.join(cfg.target_modules)}) that
+makes {cfg.resolution} x {cfg.resolution} chest X-rays from radiology impressions.
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{cfg.model}", safety_checker=None, requires_safety_checker=False)
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("Cardiomegaly without acute pulmonary disease.", height={cfg.resolution}, width={cfg.resolution}).images[0]
+```
+
+The safety checker is off: it flags chest X-rays and blanks them.
+
+## Data
+
+Indiana University chest X-ray collection (Kaggle: raddar/chest-xrays-indiana-university), or the
+project's synthetic stand-in in the same layout when trained offline (data dir: `{cfg.data_dir}`).
+Prompts are the reports' impression sections, kept when at most 77 CLIP tokens.
+Training pairs: {info.get('train_pairs')} ({info.get('train_prompts')} distinct prompts);
+split: {data.get('split', 'see pairs.csv')}.
+
+## Prompt style
+
+Radiology impressions as written in the reports: "No acute cardiopulmonary abnormality.",
+"1. Cardiomegaly. 2. Small left pleural effusion.", with the dataset's `XXXX` de-identification marks.
+
+## Training
+
+{info.get('steps_done')} steps, batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {info.get('processes', 1)} process(es),
+learning rate {cfg.learning_rate} ({cfg.lr_scheduler}), precision {cfg.mixed_precision}, seed {cfg.seed};
+final loss {info.get('final_loss')}. Full settings and library versions: `config.json`.
+
+## Limits
+
+Research use only. These images are not for diagnosis, for clinical decisions, or as evidence of
+any finding. The model learned from a few thousand films of one US institution; it reproduces
+that data's biases and may reproduce training images (check with the project's memorisation
+audit before sharing outputs). Fine detail is limited by the {cfg.resolution} px resolution.
+"""
+
+
+# ---------------------------------------------------------------- validation -----------------
+
+def default_validation_prompts(pairs_csv: str, n: int = 4) -> list[str]:
+    """The most common test-split prompts (else train-split ones)."""
+    from .data import load_pairs
+
+    pairs = load_pairs(pairs_csv)
+    pool = pairs[pairs["split"] == "test"] if (pairs["split"] == "test").any() else pairs
+    return pool["prompt"].value_counts().head(n).index.tolist()
+
+
+def generate(pipe, prompts, seeds, resolution, steps, lora_scale: float | None = None):
+    """One image per (prompt, seed), seeds on CPU generators so images match across devices."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = []
+    kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+    for prompt in prompts:
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        result = pipe([prompt] * len(seeds), num_inference_steps=steps, height=resolution, width=resolution,
+                      generator=generators, **kwargs)
+        images += result.images
+    return images
+
+
+def validation_grid(pipe, cfg: TrainConfig, prompts, out_path: Path, title: str, lora_scale: float | None = None) -> Path:
+    from . import plots
+
+    images = generate(pipe, prompts, cfg.validation_seeds, cfg.resolution, cfg.validation_steps, lora_scale)
+    captions = [f"seed {s} | {p}" for p in prompts for s in cfg.validation_seeds]
+    plots.image_grid([im.convert("L") for im in images], captions, columns=len(cfg.validation_seeds),
+                     save_to=out_path, title=title)
+    return out_path
+
+
+# ---------------------------------------------------------------- the stage ------------------
+
+@dataclass
+class TrainResult:
+    out: Path
+    lora_dir: Path
+    steps_done: int
+    loss: pd.DataFrame
+    encodings_hit: bool
+    encoded_images: int
+    figures: list[Path]
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) and write OUT/lora, OUT/loss.csv, OUT/checkpoints, OUT/figures.
+
+    `stop_after` ends the run after that many steps of this invocation without the final save
+    (as if the session were killed): used by the notebook's resume demonstration and tests.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import StableDiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from . import plots
+    from .data import load_pairs, resolve_data_dir
+    from .models import load_training_parts
+
+    validate(cfg)
+    pairs_all = load_pairs(cfg.pairs)
+    pairs = pairs_all[pairs_all["split"] == "train"].reset_index(drop=True)
+    if pairs.empty:
+        raise CxrError(f"{cfg.pairs} has no train-split pairs; re-run prepare (its --test-fraction leaves none for training?)")
+    data_dir = resolve_data_dir(cfg.data_dir)
+    out = Path(cfg.out)
+    resume_from = find_checkpoint(out, cfg.resume) if cfg.resume else None
+    if resume_from is not None:
+        saved = read_json(resume_from / "state.json")["config"]
+        mine = config_to_dict(cfg)
+        differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
+        if differ:
+            raise CxrError(f"--resume {resume_from.name}: the checkpoint was trained with different "
+                           f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
+                           "resume with the same settings or start a new --out")
+
+    device_kind = check_device(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if device_kind == "cuda" or cfg.mixed_precision == "bf16" else "no",
+                              gradient_accumulation_steps=cfg.grad_accum, cpu=device_kind == "cpu")
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    set_seed(cfg.seed)
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_training_parts(cfg.model)
+    for part in (text_encoder, vae, unet):
+        part.requires_grad_(False)
+        part.to(device, dtype=weight_dtype)
+    prediction_type = cfg.prediction_type or noise_scheduler.config.prediction_type
+
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    with accelerator.main_process_first():
+        enc = load_or_build_encodings(cfg, pairs, data_dir, cache_dir, tokenizer, text_encoder, vae, device,
+                                      weight_dtype, progress and accelerator.is_local_main_process)
+
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
+                                target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
+    if weight_dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)  # fp32 LoRA under fp16 autocast
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    if not lora_params:
+        raise CxrError(f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
+                       "use the attention projections to_k, to_q, to_v, to_out.0")
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    processes = accelerator.num_processes
+    per_step = cfg.batch_size * cfg.grad_accum * processes
+    max_steps = math.ceil(cfg.epochs * len(pairs) / per_step) if cfg.epochs is not None else cfg.max_steps
+    try:
+        # accelerate steps a prepared scheduler once per process per step: count in those units.
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * processes,
+                                     num_training_steps=max_steps * processes)
+    except ValueError:
+        raise CxrError(f"--lr-scheduler {cfg.lr_scheduler!r} is not known; use constant, "
+                       "constant_with_warmup, cosine, linear or polynomial") from None
+
+    start_step, loss_rows = 0, []
+    if resume_from is not None:
+        state = read_json(resume_from / "state.json")
+        set_peft_model_state_dict(unet, load_file(str(resume_from / "lora.safetensors")))
+        cast_training_params(unet, dtype=torch.float32)
+        _restore_optimizer(optimizer, load_file(str(resume_from / "optimizer.safetensors")),
+                           read_json(resume_from / "optimizer.json"), device)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        start_step = int(state["step"])
+        loss_rows = pd.read_csv(resume_from / "loss.csv").to_dict("records")
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    figures_dir = out / "figures"
+    prompts_val = list(cfg.validation_prompts) or default_validation_prompts(cfg.pairs)
+    n_trainable = sum(p.numel() for p in lora_params)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_config.json", max_steps=max_steps, processes=processes)
+        # loss.csv restarts from the checkpoint's copy: steps after it (from a killed run) go.
+        write_csv(out / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        where = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device_kind == "cuda" else "")
+        cache_note = ("cache hit (nothing encoded)" if enc.hit
+                      else f"cache miss (encoded {enc.encoded_images} images, {enc.encoded_prompts} prompts)")
+        print(f"train: device {where}, precision {accelerator.mixed_precision}, trainable {n_trainable:,} LoRA "
+              f"parameters (rank {cfg.rank}), steps {start_step}->{max_steps}, {len(pairs)} train pairs "
+              f"({len(enc.embeddings)} prompts), batch {cfg.batch_size} x accum {cfg.grad_accum} x {processes} "
+              f"process(es), {cache_note}", flush=True)
+
+    def pipeline():
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       unet=accelerator.unwrap_model(unet), scheduler=noise_scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validate_now(step: int) -> None:
+        if main and prompts_val:
+            unet.eval()
+            with accelerator.autocast():
+                validation_grid(pipeline(), cfg, prompts_val, figures_dir / f"validation-step-{step:07d}.png",
+                                f"validation at step {step}")
+            unet.train()
+
+    scale = vae.config.scaling_factor
+    bar = tqdm(total=max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_local_main_process))
+    unet.train()
+    step = start_step
+    steps_this_run = 0
+    while step < max_steps:
+        if stop_after is not None and steps_this_run >= stop_after:
+            bar.close()
+            return TrainResult(out, out / "lora", step, pd.DataFrame(loss_rows, columns=LOSS_COLUMNS), enc.hit,
+                               enc.encoded_images, [])
+        tic = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout, if any, replays on resume
+        losses = []
+        for micro in range(cfg.grad_accum):
+            gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            position = (step * cfg.grad_accum + micro) * cfg.batch_size * processes + cfg.batch_size * accelerator.process_index
+            rows = batch_indices(len(pairs), cfg.seed, position, cfg.batch_size)
+            flips = torch.rand(len(rows), generator=gen) < 0.5 if cfg.random_flip else None
+            latents = sample_latents(enc, rows, gen, flips, scale).to(device, weight_dtype)
+            embeddings = enc.embeddings[enc.prompt_index[rows]].to(device, weight_dtype)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, gen, cfg, prediction_type)
+                if not torch.isfinite(loss):
+                    kept = checkpoint_dirs(out)
+                    raise CxrError(
+                        f"the loss became {loss.item()} at step {step + 1}; stopped without saving "
+                        + (f"(the last good checkpoint is {kept[-1]}); " if kept else "(no checkpoint yet); ")
+                        + "lower --learning-rate or use --mixed-precision no, then --resume latest")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+        step += 1
+        steps_this_run += 1
+        elapsed = time.perf_counter() - tic
+        row = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
+               "epoch": step * per_step / len(pairs), "images_per_s": per_step / elapsed}
+        loss_rows.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        if main:
+            with open(out / "loss.csv", "a") as handle:  # one line per step, readable while training
+                handle.write(",".join(repr(row[c]) for c in LOSS_COLUMNS) + "\n")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows)
+        if cfg.validation_every and step % cfg.validation_every == 0 and step < max_steps:
+            validate_now(step)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    loss = pd.DataFrame(loss_rows, columns=LOSS_COLUMNS)
+    figures: list[Path] = []
+    lora_dir = out / "lora"
+    if main:
+        write_csv(out / "loss.csv", loss)  # the whole history, each step once
+        save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows)
+        summary_path = Path(cfg.pairs).parent / "summary.json"
+        info = {
+            "steps_done": step, "processes": processes, "train_pairs": len(pairs),
+            "train_prompts": len(enc.embeddings), "final_loss": round(float(loss["loss"].tail(20).mean()), 5) if len(loss) else None,
+            "prediction_type": prediction_type, "encodings_cache": enc.key,
+            "data_summary": read_json(summary_path) if summary_path.is_file() else None,
+        }
+        lora_dir = save_lora(out, accelerator.unwrap_model(unet), cfg, info)
+        plots.loss_curve(loss, save_to=figures_dir / "loss_curve.png")
+        validate_now(step)
+        figures += [figures_dir / "loss_curve.png", figures_dir / f"validation-step-{step:07d}.png"]
+    accelerator.end_training()
+    return TrainResult(out, lora_dir, step, loss, enc.hit, enc.encoded_images, figures)
+
+
+def base_vs_lora_grid(model: str, lora_dir: str | Path, prompts, seeds, resolution: int = 128, steps: int = 20,
+                      save_to: str | Path | None = None):
+    """For each prompt and seed: the base model (LoRA scale 0) beside the fine-tuned one, loaded
+    the way any diffusers user would (`load_lora_weights`)."""
+    from . import plots
+    from .models import load_pipeline
+
+    lora_dir = Path(lora_dir)
+    if not (lora_dir / LORA_WEIGHTS).is_file():
+        raise CxrError(f"{lora_dir} holds no {LORA_WEIGHTS}; train first or pass the lora/ folder of a training run")
+    pipe = load_pipeline(model)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(pipe, prompts, seeds, resolution, steps, lora_scale=0.0)
+    tuned = generate(pipe, prompts, seeds, resolution, steps, lora_scale=1.0)
+    images, captions = [], []
+    for i, prompt in enumerate(prompts):
+        for j, seed in enumerate(seeds):
+            k = i * len(seeds) + j
+            images += [base[k].convert("L"), tuned[k].convert("L")]
+            captions += [f"base, seed {seed} | {prompt}", f"LoRA, seed {seed} | {prompt}"]
+    return plots.image_grid(images, captions, columns=2 * len(seeds), save_to=save_to,
+                            title="base model (LoRA scale 0) vs fine-tuned, same seeds")
+
+
+def result_from_disk(out: str | Path) -> TrainResult:
+    """A finished run's result, read back from its files."""
+    out = Path(out)
+    info = read_json(out / "lora" / "config.json")
+    loss = pd.read_csv(out / "loss.csv")
+    figures = sorted((out / "figures").glob("*.png"))
+    return TrainResult(out, out / "lora", int(info["steps_done"]), loss, False, -1, figures)
+
+
+def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool = True) -> TrainResult:
+    """Train here, or over several GPUs with `accelerate launch` (one notebook process cannot
+    drive two cards; Kaggle's T4 x2 needs this). processes=None: one per visible GPU."""
+    if processes is None:
+        processes = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    if processes <= 1:
+        return train(cfg, progress=progress)
+    validate(cfg)
+    request = Path(cfg.out) / "train_request.json"
+    save_config(cfg, request)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--mixed_precision", cfg.mixed_precision, "-m", "cxr_helpers", "train", "--config-file", str(request)]
+    print(" ".join(command), flush=True)
+    # Relay the children's output line by line so it shows in the notebook cell.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+    if proc.returncode:
+        raise CxrError(f"training on {processes} processes failed (exit {proc.returncode}); the lines above say why; "
+                       "fix that and rerun with resume latest, or train on one GPU with processes=1")
+    return result_from_disk(cfg.out)
