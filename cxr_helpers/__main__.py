@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ TRAIN_HELP = {
     "checkpoint_every": "write a checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "keep the last K checkpoints",
     "resume": "latest, or a checkpoint folder",
-    "validation_every": "validation images every N steps (0: only at the end)",
+    "validation_every": "validation images every N steps (0: with every checkpoint, and at the end)",
     "validation_prompts": "prompts for validation images (default: the most common test prompts)",
 }
 
@@ -100,8 +101,9 @@ def _train(args) -> None:
         raise CxrError("train needs --pairs PAIRS_CSV and --out DIR (or --config-file FILE)")
     cfg = stage_config(TrainConfig, args.preset, **values)
     result = train(cfg)
-    print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
-          f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not per process under accelerate/torchrun
+            print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
+              f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
 
 
 def _run_notebooks(args) -> None:

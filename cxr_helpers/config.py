@@ -96,7 +96,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str = ""  # "" | latest | a checkpoint dir
-    validation_every: int = 0  # steps; 0 = only at the end
+    validation_every: int = 0  # steps; 0 = with every checkpoint (and at the end)
     validation_prompts: tuple[str, ...] = ()  # () = the most common test-split prompts
     validation_seeds: tuple[int, ...] = (0, 1)
     validation_steps: int = 20  # sampler steps for validation images

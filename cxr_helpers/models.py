@@ -360,5 +360,6 @@ def sd15_shaped_parts(seed: int = 0, device: str = "cpu", dtype=None):
     if dtype is not None:
         for part in (text_encoder, vae, unet):
             part.to(dtype)
-    scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"})
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
     return tokenizer, text_encoder, vae, unet, scheduler

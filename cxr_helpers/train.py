@@ -620,7 +620,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows)
-        if cfg.validation_every and step % cfg.validation_every == 0 and step < max_steps:
+        every = cfg.validation_every or cfg.checkpoint_every  # 0: a grid per checkpoint
+        if every and step % every == 0 and step < max_steps:
             validate_now(step)
     bar.close()
 

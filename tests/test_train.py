@@ -223,3 +223,20 @@ def test_batches_cover_each_epoch_once():
     seen = train_mod.batch_indices(10, 0, 0, 10)
     assert sorted(seen) == list(range(10))
     assert train_mod.batch_indices(10, 0, 7, 6) == seen[7:] + train_mod.batch_indices(10, 0, 10, 3)
+
+
+def test_two_processes_train_with_no_code_change(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
+    """The multi-GPU path (Kaggle T4 x2) on two CPU processes: torchrun + gloo, as accelerate
+    launch would start them; batches are sharded, losses gathered, one process writes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cxr_helpers", "train"]
+    args = ["--pairs", str(pairs_csv), "--data-dir", str(synth_dir), "--model", str(tiny_model_dir),
+            "--out", str(tmp_path / "ddp"), "--batch-size", "2", "--max-steps", "4", "--checkpoint-every", "2",
+            "--validation-steps", "2", "--validation-prompts", "Cardiomegaly.", "--validation-seeds", "0"]
+    done = subprocess.run(torchrun + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 process(es)" in done.stdout and done.stdout.count("trained 4 steps") == 1
+    loss = pd.read_csv(tmp_path / "ddp" / "loss.csv")
+    n_train = (pd.read_csv(pairs_csv)["split"] == "train").sum()
+    assert loss["step"].tolist() == [1, 2, 3, 4] and loss["epoch"].iloc[-1] == pytest.approx(4 * 2 * 2 / n_train)
+    assert load_file(str(tmp_path / "ddp" / "lora" / "pytorch_lora_weights.safetensors"))
