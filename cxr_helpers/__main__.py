@@ -13,7 +13,8 @@ from pathlib import Path
 
 import dataclasses
 
-from .config import PRESETS, SD15_MODEL_ID, PrepareConfig, SynthConfig, TinyModelConfig, TrainConfig, stage_config
+from .config import (PRESETS, SD15_MODEL_ID, PrepareConfig, SampleConfig, SynthConfig, TinyModelConfig,
+                     TrainConfig, stage_config)
 from .errors import CxrError
 
 
@@ -106,6 +107,28 @@ def _train(args) -> None:
               f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
 
 
+def _sample(args) -> None:
+    from .sample import sample
+
+    cfg = stage_config(
+        SampleConfig, None, model=args.model, lora=args.lora, out=args.out, prompts_file=args.prompts,
+        pairs=args.pairs, split=args.split, n_per_prompt=args.n_per_prompt, steps=args.steps,
+        scheduler=args.scheduler, guidance=args.guidance, negative_prompt=args.negative_prompt,
+        lora_scale=args.lora_scale, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
+        upscale=args.upscale, strict=args.strict or None, limit=args.limit,
+    )
+    result = sample(cfg)
+    print(f"{result.generated} images generated, {result.skipped} already there; "
+          f"{len(result.metadata)} listed in {result.out / 'metadata.csv'}")
+
+
+def _synthesize(args) -> None:
+    from .sample import synthesize
+
+    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size)
+    print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
+
+
 def _run_notebooks(args) -> None:
     from .notebook import NOTEBOOKS_DIR, run_notebooks
 
@@ -162,6 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", help="a saved train config (JSON) to start from")
     p.add_argument("--preset", choices=sorted(PRESETS), help="hardware profile: kaggle-t4x2, kaggle-p100, cpu-smoke")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="seeded, batched generation with the base model + LoRA")
+    p.add_argument("--model", help=f"hub id or local diffusers dir (default {SD15_MODEL_ID})")
+    p.add_argument("--lora", help="a LoRA folder (train's OUT/lora); none: the base model alone")
+    p.add_argument("--out", required=True)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompts", help="text file, one prompt per line")
+    source.add_argument("--pairs", help="pairs.csv: the prompts of --split (one per pair)")
+    p.add_argument("--split", choices=["train", "test"])
+    p.add_argument("--n-per-prompt", type=int)
+    p.add_argument("--steps", type=int, help="sampler steps (default 20)")
+    p.add_argument("--scheduler", help="dpm++ (default), ddim, pndm or euler")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--lora-scale", type=float, help="0 = base model, 1 = full LoRA (default)")
+    p.add_argument("--batch-size", type=int, help="images per pipeline call (default 8)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resolution", type=int, help="px (default 128)")
+    p.add_argument("--upscale", type=int, help="also write upscaled copies of this size, e.g. 512")
+    p.add_argument("--strict", action="store_true", help="refuse prompts over 77 CLIP tokens")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("synthesize", help="a synthetic dataset from a spec, in the Kaggle layout")
+    p.add_argument("--spec", required=True, help="JSON: items of {prompt, count} or {label, templates, count}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="overrides the spec's model")
+    p.add_argument("--lora", help="overrides the spec's LoRA")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
     p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")

@@ -102,7 +102,33 @@ class TrainConfig:
     validation_steps: int = 20  # sampler steps for validation images
 
 
-STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig)}
+@dataclass
+class SampleConfig:
+    """`sample`: prompts -> PNGs + metadata.csv."""
+
+    STAGE: ClassVar[str] = "sample"
+    model: str = SD15_MODEL_ID
+    lora: str = ""  # a LoRA folder (train's OUT/lora); "" = the base model alone
+    out: str = "samples"
+    prompts_file: str = ""  # one prompt per line
+    pairs: str = ""  # or: the prompts of a pairs.csv split
+    split: str = "test"
+    n_per_prompt: int = 1
+    steps: int = 20
+    scheduler: str = "dpm++"
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    lora_scale: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+    resolution: int = 128
+    upscale: int = 0  # also write a copy upscaled to this size (0 = none)
+    strict: bool = False  # refuse prompts over 77 CLIP tokens instead of truncating them
+    limit: int | None = None  # only the first N prompts
+    prompts: list[str] = field(default_factory=list)  # prompts given directly (the notebooks, synthesize)
+
+
+STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig)}
 
 
 @dataclass
@@ -134,14 +160,16 @@ PRESETS: dict[str, Preset] = {
         "model, seconds on a CPU",
         offline=True,
         model="",
-        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN)},
+        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
+                "sample": {"steps": 4}},
     ),
     "cpu-smoke": Preset(
         name="cpu-smoke",
         description="the smoke preset's offline inputs with a few CPU training steps",
         offline=True,
         model="",
-        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN)},
+        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
+                "sample": {"steps": 4}},
     ),
     "kaggle-t4x2": Preset(
         name="kaggle-t4x2",

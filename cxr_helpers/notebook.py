@@ -138,3 +138,20 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
                            f"{exc.evalue} (the executed copy with the traceback is {target})") from None
         done.append(target)
     return done
+
+
+def trained_lora(inputs: Inputs, lora_dir: str = "") -> Path:
+    """The LoRA to sample from: `lora_dir`, else notebook 02's OUT/train/lora (on Kaggle also a
+    previous run's output attached as input)."""
+    from .sample import LORA_WEIGHTS
+
+    candidates = [Path(lora_dir)] if lora_dir else [inputs.out / "train" / "lora"]
+    if not lora_dir and on_kaggle():
+        from .io import KAGGLE_INPUT
+
+        candidates += sorted(KAGGLE_INPUT.glob(f"**/train/lora"))
+    for path in candidates:
+        if (path / LORA_WEIGHTS).is_file():
+            return path
+    raise CxrError(f"no trained LoRA at {candidates[0]}; run notebook 02 into this OUTPUT_DIR first "
+                   "(or attach its output on Kaggle), or set LORA_DIR to a lora/ folder")

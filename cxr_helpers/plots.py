@@ -85,14 +85,16 @@ def label_frequencies(counts: pd.Series, n: int = 15, save_to=None):
     return _finish(fig, save_to)
 
 
-def image_grid(images, captions, columns: int = 4, save_to=None, title: str | None = None):
-    """Grayscale images with their (wrapped) captions underneath."""
+def image_grid(images, captions, columns: int = 4, save_to=None, title: str | None = None,
+               panel_inches: float = 3.0):
+    """Grayscale images with their (wrapped) captions above them."""
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(panel_inches * columns, (panel_inches + 0.6) * rows),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, im, caption in zip(axes.flat, images, captions):
-        ax.imshow(np.asarray(im), cmap="gray", vmin=0, vmax=255)
+        ax.imshow(np.asarray(im.convert("L") if hasattr(im, "convert") else im), cmap="gray", vmin=0, vmax=255)
         ax.set_title("\n".join(textwrap.wrap(caption, 34)[:4]), fontsize=8)
     if title:
         fig.suptitle(title)

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from .config import TrainConfig, config_to_dict, save_config
 from .errors import CxrError
 from .io import atomic_path, library_versions, read_json, write_csv, write_json, write_text
+from .sample import LORA_WEIGHTS
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
 RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
                      "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
@@ -410,28 +410,15 @@ def default_validation_prompts(pairs_csv: str, n: int = 4) -> list[str]:
     return pool["prompt"].value_counts().head(n).index.tolist()
 
 
-def generate(pipe, prompts, seeds, resolution, steps, lora_scale: float | None = None):
-    """One image per (prompt, seed), seeds on CPU generators so images match across devices."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    images = []
-    kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        result = pipe([prompt] * len(seeds), num_inference_steps=steps, height=resolution, width=resolution,
-                      generator=generators, **kwargs)
-        images += result.images
-    return images
-
-
 def validation_grid(pipe, cfg: TrainConfig, prompts, out_path: Path, title: str, lora_scale: float | None = None) -> Path:
     from . import plots
+    from .sample import generate
 
-    images = generate(pipe, prompts, cfg.validation_seeds, cfg.resolution, cfg.validation_steps, lora_scale)
+    seeds = list(cfg.validation_seeds)
+    images = generate(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts), cfg.resolution,
+                      cfg.validation_steps, lora_scale)
     captions = [f"seed {s} | {p}" for p in prompts for s in cfg.validation_seeds]
-    plots.image_grid([im.convert("L") for im in images], captions, columns=len(cfg.validation_seeds),
+    plots.image_grid(images, captions, columns=len(cfg.validation_seeds),
                      save_to=out_path, title=title)
     return out_path
 
@@ -652,21 +639,18 @@ def base_vs_lora_grid(model: str, lora_dir: str | Path, prompts, seeds, resoluti
     """For each prompt and seed: the base model (LoRA scale 0) beside the fine-tuned one, loaded
     the way any diffusers user would (`load_lora_weights`)."""
     from . import plots
-    from .models import load_pipeline
+    from .sample import generate, load_sampling_pipeline
 
-    lora_dir = Path(lora_dir)
-    if not (lora_dir / LORA_WEIGHTS).is_file():
-        raise CxrError(f"{lora_dir} holds no {LORA_WEIGHTS}; train first or pass the lora/ folder of a training run")
-    pipe = load_pipeline(model)
-    pipe.load_lora_weights(str(lora_dir))
-    pipe.set_progress_bar_config(disable=True)
-    base = generate(pipe, prompts, seeds, resolution, steps, lora_scale=0.0)
-    tuned = generate(pipe, prompts, seeds, resolution, steps, lora_scale=1.0)
+    pipe = load_sampling_pipeline(model, lora_dir)
+    seeds = list(seeds)
+    every_prompt = [p for p in prompts for _ in seeds]
+    base = generate(pipe, every_prompt, seeds * len(prompts), resolution, steps, lora_scale=0.0)
+    tuned = generate(pipe, every_prompt, seeds * len(prompts), resolution, steps, lora_scale=1.0)
     images, captions = [], []
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
             k = i * len(seeds) + j
-            images += [base[k].convert("L"), tuned[k].convert("L")]
+            images += [base[k], tuned[k]]
             captions += [f"base, seed {seed} | {prompt}", f"LoRA, seed {seed} | {prompt}"]
     return plots.image_grid(images, captions, columns=2 * len(seeds), save_to=save_to,
                             title="base model (LoRA scale 0) vs fine-tuned, same seeds")

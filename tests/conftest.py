@@ -35,3 +35,26 @@ def synth_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("synth") / "iu"
     return make_synthetic_dataset(SynthConfig(out=str(out), reports=30, image_size=160, broken_images=3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def pairs_csv(synth_dir, tokenizer, tmp_path_factory):
+    from cxr_helpers.config import PrepareConfig
+    from cxr_helpers.data import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(PrepareConfig(data_dir=str(synth_dir), out=str(out)), tokenizer=tokenizer, progress=False)
+    return out / "pairs.csv"
+
+
+@pytest.fixture(scope="session")
+def lora_dir(pairs_csv, synth_dir, tiny_model_dir, tmp_path_factory):
+    """A LoRA trained a few steps with a high learning rate, so that it visibly changes images."""
+    from cxr_helpers.config import TrainConfig
+    from cxr_helpers.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(pairs=str(pairs_csv), data_dir=str(synth_dir), model=str(tiny_model_dir), out=str(out),
+                      batch_size=2, max_steps=4, learning_rate=1e-2, checkpoint_every=0, validation_prompts=("x",),
+                      validation_seeds=(0,), validation_steps=1)
+    return train(cfg, progress=False).lora_dir

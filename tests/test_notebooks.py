@@ -82,3 +82,14 @@ def test_notebook_02_trains_and_records_a_loadable_lora(demo_run):
     assert set(rec["figures"]) == {"loss_curve.png", "base_vs_lora.png"}
     # it reused notebook 01's pairs rather than preparing again
     assert json.loads((out / "train" / "lora" / "config.json").read_text())["config"]["pairs"] == str(out / "data" / "pairs.csv")
+
+
+def test_notebook_03_draws_galleries_drives_the_widget_and_exports(demo_run):
+    out, _ = demo_run
+    rec = json.loads((out / "records" / "03_sampling_gallery.json").read_text())
+    assert rec["gallery_rows"] == 4 and rec["widget_images"] == 4
+    assert rec["export_images"] == rec["export_pairs"] == 6  # 3 findings x EXPORT_COUNT 2, all read back
+    assert set(rec["figures"]) == {"gallery_128.png", "gallery_512.png", "lora_scale_sweep.png", "seed_grid.png"}
+    assert rec["lora_dir"] == str(out / "train" / "lora")
+    exported = pd.read_csv(out / "export" / "dataset" / "indiana_reports.csv")
+    assert exported["image"].str.startswith("SYNTHETIC").all()

@@ -11,17 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_helpers import train as train_mod
-from cxr_helpers.config import PrepareConfig, TrainConfig, stage_config
-from cxr_helpers.data import prepare
+from cxr_helpers.config import TrainConfig, stage_config
 from cxr_helpers.errors import CxrError
 from cxr_helpers.train import train
-
-
-@pytest.fixture(scope="module")
-def pairs_csv(synth_dir, tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(PrepareConfig(data_dir=str(synth_dir), out=str(out)), tokenizer=tokenizer, progress=False)
-    return out / "pairs.csv"
 
 
 def config(pairs_csv, synth_dir, tiny_model_dir, out, **kw):

@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cxr_helpers import sample as sample_mod
+from cxr_helpers.config import PrepareConfig, SampleConfig, stage_config
+from cxr_helpers.data import prepare
+from cxr_helpers.errors import CxrError
+from cxr_helpers.sample import load_sampling_pipeline, sample
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir, lora_dir):
+    return load_sampling_pipeline(str(tiny_model_dir), lora_dir)
+
+
+def cfg(tiny_model_dir, lora_dir, out, **kw):
+    base = dict(model=str(tiny_model_dir), lora=str(lora_dir), out=str(out), steps=3, resolution=64,
+                prompts=["Cardiomegaly.", "Small left pleural effusion.", "No acute disease."])
+    base.update(kw)
+    return stage_config(SampleConfig, **base)
+
+
+def pixels(folder, name):
+    return np.asarray(Image.open(folder / name), dtype=np.int16)
+
+
+def test_same_seed_same_image_whatever_the_batch_size(pipe, tiny_model_dir, lora_dir, tmp_path):
+    one = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b1", n_per_prompt=2, batch_size=1), pipe=pipe, progress=False)
+    many = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b4", n_per_prompt=2, batch_size=4), pipe=pipe, progress=False)
+    assert one.metadata["file"].tolist() == many.metadata["file"].tolist()
+    for name in one.metadata["file"]:
+        a, b = pixels(tmp_path / "b1", name), pixels(tmp_path / "b4", name)
+        # batched matmuls may round differently in the last bit: at most 1 grey level apart
+        assert np.abs(a - b).max() <= 1, name
+    first, second = pixels(tmp_path / "b1", one.metadata["file"][0]), pixels(tmp_path / "b1", one.metadata["file"][1])
+    assert np.abs(first - second).mean() > 1  # different k: different seed, different image
+
+
+def test_resume_skips_what_is_there_and_metadata_is_complete(pipe, tiny_model_dir, lora_dir, tmp_path, monkeypatch):
+    first = sample(cfg(tiny_model_dir, lora_dir, tmp_path, n_per_prompt=1, upscale=128), pipe=pipe, progress=False)
+    assert (first.generated, first.skipped) == (3, 0)
+    calls = []
+    real = sample_mod.generate
+    monkeypatch.setattr(sample_mod, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    again = sample(cfg(tiny_model_dir, lora_dir, tmp_path, n_per_prompt=2, upscale=128), pipe=pipe, progress=False)
+    assert (again.generated, again.skipped) == (3, 3) and sum(calls) == 3
+    meta = pd.read_csv(tmp_path / "metadata.csv", keep_default_na=False)
+    assert list(meta.columns) == sample_mod.METADATA_COLUMNS and len(meta) == 6
+    for col in ("file", "prompt", "seed", "steps", "scheduler", "guidance", "lora_scale", "model", "lora"):
+        assert (meta[col].astype(str) != "").all(), col
+    assert meta["seed"].is_unique and (meta["lora"] == str(lora_dir)).all()
+    for row in meta.itertuples():
+        assert Image.open(tmp_path / row.file).size == (64, 64)
+        assert Image.open(tmp_path / row.upscaled_file).size == (128, 128)
+    saved = json.loads((tmp_path / "sample_config.json").read_text())
+    assert "safety checker off" in saved["note"]
+    with pytest.raises(CxrError, match="different steps"):
+        sample(cfg(tiny_model_dir, lora_dir, tmp_path, steps=5, upscale=128), pipe=pipe, progress=False)
+
+
+def test_lora_scale_zero_is_the_base_model(pipe, tiny_model_dir, lora_dir):
+    from cxr_helpers.models import load_pipeline
+
+    base = load_pipeline(str(tiny_model_dir))
+    a = sample_mod.generate(pipe, ["Cardiomegaly."], [7], 64, 3, lora_scale=0.0)[0]
+    b = sample_mod.generate(base, ["Cardiomegaly."], [7], 64, 3)[0]
+    c = sample_mod.generate(pipe, ["Cardiomegaly."], [7], 64, 3, lora_scale=1.0)[0]
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    assert np.abs(np.asarray(c, np.int16) - np.asarray(b, np.int16)).mean() > 0.5
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler"])
+def test_each_scheduler_runs(pipe, scheduler):
+    assert sample_mod.generate(pipe, ["Cardiomegaly."], [0], 64, 3, scheduler=scheduler)[0].size == (64, 64)
+
+
+def test_long_prompts_warn_or_are_refused(pipe, tiny_model_dir, lora_dir, tmp_path, capsys):
+    long = " ".join(["lung"] * 90)  # one id per word: 92 with start and end
+    result = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "w", prompts=[long]), pipe=pipe, progress=False)
+    assert "over 77 CLIP tokens are truncated" in capsys.readouterr().out
+    assert bool(result.metadata["truncated"].iloc[0])
+    with pytest.raises(CxrError, match="prompt 1 has 92 CLIP tokens.*--strict"):
+        sample(cfg(tiny_model_dir, lora_dir, tmp_path / "s", prompts=[long], strict=True), pipe=pipe, progress=False)
+
+
+def test_prompts_from_the_test_split(pipe, tiny_model_dir, lora_dir, pairs_csv, tmp_path):
+    result = sample(cfg(tiny_model_dir, lora_dir, tmp_path, prompts=[], pairs=str(pairs_csv), limit=3), pipe=pipe,
+                    progress=False)
+    test = pd.read_csv(pairs_csv).query("split == 'test'")["prompt"].tolist()[:3]
+    assert result.metadata["prompt"].tolist() == test
+
+
+def test_bad_input_is_one_sentence(tiny_model_dir, lora_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "not_lora").mkdir()
+    cases = [
+        (dict(prompts_file=str(tmp_path / "empty.txt"), prompts=[]), "holds no prompts"),
+        (dict(prompts_file=str(tmp_path / "none.txt"), prompts=[]), "does not exist"),
+        (dict(resolution=100), "multiple of 8"),
+        (dict(n_per_prompt=0), "--n-per-prompt must be at least 1"),
+        (dict(scheduler="heun"), "is not known"),
+        (dict(lora=str(tmp_path / "missing")), "does not exist; pass the lora/ folder"),
+        (dict(lora=str(tmp_path / "not_lora")), "is not a LoRA folder"),
+    ]
+    for change, message in cases:
+        with pytest.raises(CxrError, match=message):
+            sample(cfg(tiny_model_dir, lora_dir, tmp_path / "out", **change), progress=False)
+
+
+def test_a_lora_for_another_base_is_explained(tiny_model_dir, lora_dir, tmp_path):
+    weights = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    # The shapes a LoRA of a wider model would have (e.g. SD2's 1024-wide text states).
+    other = {k: (v.repeat(1, 2) if v.shape[-1] == 32 and "attn2.to_k" in k and "down" in k else v) for k, v in weights.items()}
+    (tmp_path / "other").mkdir()
+    save_file(other, str(tmp_path / "other" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"base_model": "stabilityai/stable-diffusion-2-1"}))
+    with pytest.raises(CxrError, match="does not fit the model .*trained on stabilityai/stable-diffusion-2-1"):
+        load_sampling_pipeline(str(tiny_model_dir), tmp_path / "other")
+
+
+def test_widget_handler_produces_images(pipe):
+    from cxr_helpers.widgets import PromptPanel
+
+    panel = PromptPanel(pipe, ["Cardiomegaly.", "No acute disease."], resolution=64, steps=2)
+    n = len(pipe.tokenizer("Cardiomegaly.").input_ids)
+    assert panel.prompt.value == "Cardiomegaly." and f">{n} / 77 CLIP tokens<" in panel.tokens.value
+    panel.common.value = "No acute disease."
+    assert panel.prompt.value == "No acute disease."
+    panel.n_images.value, panel.seed.value, panel.lora_scale.value = 3, 5, 0.5
+    images = panel.generate()
+    assert len(images) == 3 and images[0].size == (64, 64) and panel.figure is not None
+    again = panel.generate()
+    assert np.array_equal(np.asarray(images[1]), np.asarray(again[1]))  # seeds 5, 6, 7 each time
+    panel.prompt.value = " ".join(["lung"] * 80)
+    assert "over 77" in panel.tokens.value
+    panel.prompt.value = "  "
+    assert panel.generate() == []
+
+
+def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, tokenizer, tmp_path):
+    spec = sample_mod.example_spec(2, steps=2, resolution=64)
+    spec_path = sample_mod.write_spec(tmp_path / "spec.json", spec)
+    out = sample_mod.synthesize(spec_path, tmp_path / "export", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
+                                progress=False)
+    result = prepare(PrepareConfig(data_dir=str(out), out=str(tmp_path / "prepared")), tokenizer=tokenizer, progress=False)
+    total = sum(item["count"] for item in spec["items"])
+    assert result.summary["images_listed"] == result.summary["pairs"] == total
+    reports = pd.read_csv(out / "indiana_reports.csv")
+    assert reports["image"].str.startswith("SYNTHETIC").all() and (reports["uid"] >= 100000).all()
+    assert set(reports["MeSH"]) == {"Pleural Effusion", "Cardiomegaly", "Opacity"}
+    assert json.loads((out / "synthetic_manifest.json").read_text())["synthetic"] is True
+    with pytest.raises(CxrError, match="needs a positive integer"):
+        sample_mod.write_spec(tmp_path / "bad.json", {"items": [{"prompt": "x", "count": 0}]})
