@@ -2,7 +2,8 @@
 # The project's one GPU check, under 8 minutes on one card: the training-loop comparison of
 # bench_train.py (project loop on cached latents vs the diffusers-reference loop that encodes
 # every step) in fp16 at batch 4, 16 and 64, printing images/s, peak GPU memory and the
-# fraction of the card's fp16 peak FLOP rate reached.
+# fraction of the card's fp16 peak FLOP rate reached; then bench_sample.py's comparison (batched
+# DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16.
 #
 # The GPU image lacks diffusers and friends: carry them as wheels in .whl/ (see the device
 # tool's README), e.g. diffusers peft accelerate transformers tokenizers safetensors
@@ -28,3 +29,6 @@ for batch in 4 16 64; do
   timeout 140 python3 benchmarks/bench_train.py --device cuda --precision fp16 --batch-size "$batch" \
     --steps 8 --rounds 2 --images 64 2>&1 | grep -v Warning | tee -a "$LOG"
 done
+echo "== sampling, fp16, batch 16 vs one per call" | tee -a "$LOG"
+timeout 120 python3 benchmarks/bench_sample.py --device cuda --precision fp16 --batch-size 16 \
+  --reference-images 4 --rounds 2 2>&1 | grep -v Warning | tee -a "$LOG"
