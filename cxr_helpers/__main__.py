@@ -129,6 +129,18 @@ def _synthesize(args) -> None:
     print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
 
 
+def _kaggle(args) -> None:
+    from . import kaggle
+
+    if args.action == "build":
+        folders = kaggle.build(args.out, owner=args.owner, accelerator=args.accelerator)
+        for folder in folders:
+            print(f"wrote {folder}")
+        print(f"next: python -m cxr_helpers kaggle push --dir {args.out} [--dry-run]")
+    else:
+        kaggle.push(args.dir, dry_run=args.dry_run)
+
+
 def _run_notebooks(args) -> None:
     from .notebook import NOTEBOOKS_DIR, run_notebooks
 
@@ -215,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="overrides the spec's LoRA")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("kaggle", help="render the Kaggle kernels + helpers dataset, or push them")
+    kaggle_sub = p.add_subparsers(dest="action", required=True)
+    b = kaggle_sub.add_parser("build", help="one folder per notebook (kernel-metadata.json) + the helpers dataset")
+    b.add_argument("--out", required=True)
+    b.add_argument("--owner", help="your Kaggle user name (default: the manifest's)")
+    b.add_argument("--accelerator", choices=["p100", "t4x2"], help="GPU of notebooks 02-04 (default: the manifest's)")
+    b.set_defaults(func=_kaggle)
+    q = kaggle_sub.add_parser("push", help="kaggle datasets version/create, then kernels push, in order")
+    q.add_argument("--dir", required=True, help="a folder written by kaggle build")
+    q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    q.set_defaults(func=_kaggle)
 
     p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
     p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")

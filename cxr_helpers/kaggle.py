@@ -1,0 +1,232 @@
+"""Kaggle: one manifest (kaggle-metadata.json) -> one kernel folder per notebook plus one
+dataset folder carrying the helper package as a wheel; and the push through the official CLI.
+
+    python -m cxr_helpers kaggle build --out DIR [--owner USER] [--accelerator p100|t4x2]
+    python -m cxr_helpers kaggle push --dir DIR [--dry-run]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import CxrError
+from .io import write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "kaggle-metadata.json"
+OWNER_PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
+MACHINE_SHAPES = {"p100": "NvidiaTeslaP100", "t4x2": "NvidiaTeslaT4"}
+KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_tpu",
+                 "enable_internet", "dataset_sources", "competition_sources", "kernel_sources", "model_sources")
+HELPERS_DIR = "helpers-dataset"
+INSTALL_CELL_TAG = "install-helpers"
+
+# The first code cell of every published notebook: installs the helpers (no sys.path hacks).
+INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this checkout.
+import importlib.util, os, subprocess, sys
+from pathlib import Path
+if importlib.util.find_spec("cxr_helpers") is None:
+    wheels = sorted(Path(os.environ.get("CXR_KAGGLE_INPUT", "/kaggle/input")).glob("**/cxr_lora-*.whl"))
+    checkout = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
+    target = wheels[-1] if wheels else checkout
+    if target is None:
+        raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) or run from the repository")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(target)], check=True)'''
+
+
+def slugify(title: str) -> str:
+    """Kaggle's slug for a title: lower case, runs of other characters -> one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def find_root() -> Path:
+    """The checkout: the current folder when it holds the manifest, else this package's parent."""
+    return Path.cwd() if (Path.cwd() / MANIFEST).is_file() else REPO_ROOT
+
+
+def load_manifest(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else find_root() / MANIFEST
+    if not path.is_file():
+        raise CxrError(f"{path} does not exist; run from the repository root (it holds {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CxrError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+    for key in ("owner", "dataset_sources", "helpers_dataset", "notebooks"):
+        if key not in manifest:
+            raise CxrError(f"{path} lacks {key!r}; see the README's Kaggle section for the fields")
+    return manifest
+
+
+def check_manifest(manifest: dict, notebooks_dir: Path) -> None:
+    """Every notebook in notebooks/ is in the manifest and every entry is a notebook."""
+    listed = [entry["notebook"] for entry in manifest["notebooks"]]
+    present = sorted(p.name for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    missing, extra = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
+    if missing or extra:
+        raise CxrError("kaggle-metadata.json and notebooks/ disagree: "
+                       + (f"not in the manifest: {', '.join(missing)}; " if missing else "")
+                       + (f"listed but not in notebooks/: {', '.join(extra)}; " if extra else "")
+                       + "add or remove the entries")
+    slugs = {e["notebook"]: slugify(e["title"]) for e in manifest["notebooks"]}
+    for entry in manifest["notebooks"]:
+        for source in entry.get("reads_outputs_of", []):
+            if source not in slugs:
+                raise CxrError(f"{entry['notebook']} reads the outputs of {source}, which is not in the manifest")
+
+
+def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
+    """The helper package as a wheel (pip wheel of the checkout, no dependencies)."""
+    root = root or find_root()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("cxr_lora-*.whl"):
+        old.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(root)]
+        done = subprocess.run(command + ["--no-build-isolation"], capture_output=True, text=True)
+        if done.returncode:  # no setuptools here: let pip fetch the build backend
+            done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise CxrError(f"could not build the helpers wheel (pip wheel exit {done.returncode}: "
+                           f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'})")
+        wheel = next(Path(tmp).glob("cxr_lora-*.whl"))
+        return Path(shutil.copy2(wheel, out_dir / wheel.name))
+
+
+def with_install_cell(notebook_path: Path) -> dict:
+    """The notebook with the install cell first (outputs cleared)."""
+    nb = json.loads(notebook_path.read_text(encoding="utf-8"))
+    nb = copy.deepcopy(nb)
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    nb["cells"] = [c for c in nb["cells"] if INSTALL_CELL_TAG not in c.get("metadata", {}).get("tags", [])]
+    first_code = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code")
+    install = {"cell_type": "code", "execution_count": None, "id": "install-helpers",
+               "metadata": {"tags": [INSTALL_CELL_TAG]}, "outputs": [], "source": INSTALL_CELL}
+    nb["cells"].insert(first_code, install)
+    return nb
+
+
+def kernel_metadata(entry: dict, manifest: dict, owner: str, accelerator: str) -> dict:
+    title = entry["title"]
+    slugs = {e["notebook"]: slugify(e["title"]) for e in manifest["notebooks"]}
+    helpers = f"{owner}/{slugify(manifest['helpers_dataset']['title'])}"
+    meta = {
+        "id": f"{owner}/{slugify(title)}",
+        "title": title,
+        "code_file": entry["notebook"],
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": bool(manifest.get("private", True)),
+        "enable_gpu": bool(entry.get("gpu", False)),
+        "enable_tpu": False,
+        "enable_internet": bool(entry.get("internet", True)),
+        "dataset_sources": list(manifest["dataset_sources"]) + [helpers],
+        "competition_sources": [],
+        "kernel_sources": [f"{owner}/{slugs[name]}" for name in entry.get("reads_outputs_of", [])],
+        "model_sources": [],
+    }
+    if meta["enable_gpu"]:
+        meta["machine_shape"] = MACHINE_SHAPES[accelerator]
+    return meta
+
+
+def build(out: str | Path, owner: str | None = None, accelerator: str | None = None,
+          manifest_path: str | Path | None = None, notebooks_dir: str | Path | None = None) -> list[Path]:
+    """Render DIR/<kernel-slug>/ (kernel-metadata.json + notebook) per notebook, in order, and
+    DIR/helpers-dataset/ (dataset-metadata.json + the wheel). Returns the folders, dataset first."""
+    manifest = load_manifest(manifest_path)
+    root = Path(manifest_path).parent if manifest_path else find_root()
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir else root / "notebooks"
+    check_manifest(manifest, notebooks_dir)
+    owner = owner or manifest["owner"]
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", owner or ""):
+        raise CxrError(f"--owner {owner!r} is not a Kaggle user name (letters, digits, - and _)")
+    accelerator = accelerator or manifest.get("accelerator", "p100")
+    if accelerator not in MACHINE_SHAPES:
+        raise CxrError(f"--accelerator {accelerator!r} is not known; use p100 or t4x2")
+    out = Path(out)
+    folders = []
+    helpers = out / HELPERS_DIR
+    wheel = build_wheel(helpers, root)
+    write_json(helpers / "dataset-metadata.json", {
+        "title": manifest["helpers_dataset"]["title"],
+        "id": f"{owner}/{slugify(manifest['helpers_dataset']['title'])}",
+        "subtitle": manifest["helpers_dataset"].get("subtitle", ""),
+        "description": f"The cxr_helpers package ({wheel.name}) for the cxr-lora notebooks; "
+                       "each notebook's first cell installs it from here.",
+        "licenses": [{"name": manifest["helpers_dataset"].get("license", "MIT")}],
+    })
+    folders.append(helpers)
+    for entry in manifest["notebooks"]:
+        folder = out / slugify(entry["title"])
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / entry["notebook"], with_install_cell(notebooks_dir / entry["notebook"]))
+        write_json(folder / "kernel-metadata.json", kernel_metadata(entry, manifest, owner, accelerator))
+        folders.append(folder)
+    write_json(out / "build.json", {"owner": owner, "accelerator": accelerator,
+                                    "order": [f.name for f in folders], "wheel": wheel.name})
+    return folders
+
+
+def credentials_present() -> bool:
+    """Whether the kaggle CLI will find credentials (never reads or prints the token itself)."""
+    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
+        return True
+    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    folders += [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    return any((f / name).is_file() for f in folders for name in ("kaggle.json", "access_token"))
+
+
+def push_commands(build_dir: str | Path) -> list[list[str]]:
+    """The kaggle CLI calls, in order: the helpers dataset (version, or create when new), then
+    every kernel in notebook order."""
+    build_dir = Path(build_dir)
+    info_path = build_dir / "build.json"
+    if not info_path.is_file():
+        raise CxrError(f"{build_dir} is not a build folder (no build.json); run `python -m cxr_helpers kaggle build --out {build_dir}` first")
+    info = json.loads(info_path.read_text())
+    if info["owner"] == OWNER_PLACEHOLDER:
+        raise CxrError(f"the build in {build_dir} has the placeholder owner; rebuild with --owner YOUR_KAGGLE_USERNAME")
+    helpers = build_dir / HELPERS_DIR
+    commands = [["kaggle", "datasets", "version", "-p", str(helpers), "-m", f"helpers {info['wheel']}", "--dir-mode", "zip"]]
+    commands += [["kaggle", "kernels", "push", "-p", str(build_dir / name)] for name in info["order"] if name != HELPERS_DIR]
+    return commands
+
+
+def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run) -> list[list[str]]:
+    commands = push_commands(build_dir)
+    create = ["kaggle", "datasets", "create", "-p", commands[0][4], "--dir-mode", "zip"]
+    if dry_run:
+        print(shlex.join(commands[0]))
+        print(f"  (if the dataset does not exist yet: {shlex.join(create)})")
+        for command in commands[1:]:
+            print(shlex.join(command))
+        return commands
+    if shutil.which("kaggle") is None:
+        raise CxrError("the kaggle command is not installed; `pip install kaggle`, then push again")
+    if not credentials_present():
+        raise CxrError("no Kaggle credentials: create an API token (kaggle.com > Settings > API > Create New Token) "
+                       "and put kaggle.json in ~/.kaggle/ (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
+    done = runner(commands[0], capture_output=True, text=True)
+    if done.returncode and "not found" in (done.stdout + done.stderr).lower():
+        done = runner(create, capture_output=True, text=True)
+    if done.returncode:
+        raise CxrError(f"`{' '.join(commands[0][:3])}` failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    for command in commands[1:]:
+        done = runner(command, capture_output=True, text=True)
+        if done.returncode:
+            raise CxrError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-300:]}; "
+                           "the kernels before it were pushed")
+        print((done.stdout or "").strip())
+    return commands
