@@ -13,8 +13,8 @@ from pathlib import Path
 
 import dataclasses
 
-from .config import (PRESETS, SD15_MODEL_ID, PrepareConfig, SampleConfig, SynthConfig, TinyModelConfig,
-                     TrainConfig, stage_config)
+from .config import (PRESETS, SD15_MODEL_ID, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
+                     TinyModelConfig, TrainConfig, stage_config)
 from .errors import CxrError
 
 
@@ -129,6 +129,35 @@ def _synthesize(args) -> None:
     print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
 
 
+EVAL_HELP = {
+    "pairs": "pairs.csv: its test split is the real set (its train split: the floor and the audit)",
+    "data_dir": "the dataset folder the pairs point into (default on Kaggle: the mount)",
+    "generated": "sample folders (with metadata.csv): DIR or NAME=DIR, e.g. base=OUT/base fine-tuned=OUT/tuned",
+    "out": "output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/",
+    "metrics": "any of fid kid is prdc diversity audit xrv (default: all)",
+    "feature_net": "inception (default) or standin (a labelled offline stand-in, for tests)",
+    "feature_weights": "local Inception FID weights (pt_inception-2015-12-05-6726825d.pth) when offline",
+    "xrv_weights": "local torchxrayvision densenet121-res224-all weights (.safetensors)",
+    "n": "at most N images per set (the same N for every set)",
+    "real_floor": "also score real train images vs real test images (the floor)",
+    "bootstrap": "resamples for FID's 95% interval (0: none)",
+}
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate, results_table
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+    if not values["pairs"] or not values["out"] or not values["generated"]:
+        raise CxrError("evaluate needs --pairs PAIRS_CSV, --generated DIR [NAME=DIR ...] and --out DIR")
+    result = evaluate(stage_config(EvalConfig, args.preset, **values))
+    print(results_table(result.table).to_string())
+    for note in result.notes:
+        print(f"note: {note}")
+    written = [p.name for p in sorted(result.out.glob("*.csv"))] + [f"figures/{name}.png" for name in result.figures]
+    print(f"wrote {result.out / 'metrics.json'}, {', '.join(written)}")
+
+
 def _kaggle(args) -> None:
     from . import kaggle
 
@@ -227,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="overrides the spec's LoRA")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("evaluate", help="FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit")
+    _add_config_options(p, EvalConfig, EVAL_HELP)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("kaggle", help="render the Kaggle kernels + helpers dataset, or push them")
     kaggle_sub = p.add_subparsers(dest="action", required=True)

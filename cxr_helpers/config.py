@@ -128,7 +128,37 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # prompts given directly (the notebooks, synthesize)
 
 
-STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig)}
+
+@dataclass
+class EvalConfig:
+    """`evaluate`: real test images vs generated sets -> metrics.json / metrics.csv, audit, figures."""
+
+    STAGE: ClassVar[str] = "evaluate"
+    pairs: str = ""  # pairs.csv: its test split is the real set, its train split the audit's reference
+    data_dir: str = ""
+    generated: tuple[str, ...] = ()  # sample dirs (with metadata.csv), each DIR or NAME=DIR
+    out: str = "eval"
+    metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
+    feature_net: str = "inception"  # inception (torch-fidelity's FID network) | standin (offline tests only)
+    feature_weights: str = ""  # local file of the Inception FID weights (pt_inception-2015-12-05-6726825d.pth)
+    xrv_weights: str = ""  # local file of torchxrayvision's densenet121-res224-all weights
+    n: int | None = None  # at most N images per set (same N for every set compared)
+    real_floor: bool = True  # also score real train images against the real test images
+    bootstrap: int = 200  # resamples for FID's confidence interval (0 = none)
+    kid_subset: int = 1000  # lowered to the smallest set's size, with a note
+    is_splits: int = 10
+    prdc_k: int = 5
+    audit_pixel_threshold: float = 0.95  # Pearson correlation of 128 px pixels
+    audit_cosine_threshold: float = 0.99  # cosine of feature vectors
+    resolution: int = 128
+    fit: str = "stretch"
+    cache_dir: str = ""  # "" = OUT/cache: real-image features, reused across evaluations
+    seed: int = 0
+    batch_size: int = 32
+
+
+STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig,
+                                            EvalConfig)}
 
 
 @dataclass
@@ -161,7 +191,7 @@ PRESETS: dict[str, Preset] = {
         offline=True,
         model="",
         stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
-                "sample": {"steps": 4}},
+                "sample": {"steps": 4}, "evaluate": {"feature_net": "standin", "bootstrap": 50}},
     ),
     "cpu-smoke": Preset(
         name="cpu-smoke",
@@ -169,7 +199,7 @@ PRESETS: dict[str, Preset] = {
         offline=True,
         model="",
         stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
-                "sample": {"steps": 4}},
+                "sample": {"steps": 4}, "evaluate": {"feature_net": "standin", "bootstrap": 50}},
     ),
     "kaggle-t4x2": Preset(
         name="kaggle-t4x2",

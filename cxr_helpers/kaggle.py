@@ -37,10 +37,10 @@ from pathlib import Path
 if importlib.util.find_spec("cxr_helpers") is None:
     wheels = sorted(Path(os.environ.get("CXR_KAGGLE_INPUT", "/kaggle/input")).glob("**/cxr_lora-*.whl"))
     checkout = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
-    target = wheels[-1] if wheels else checkout
-    if target is None:
+    if not wheels and checkout is None:
         raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) or run from the repository")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(target)], check=True)'''
+    target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)  # [kaggle]: torch-fidelity for Inception FID
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)'''
 
 
 def slugify(title: str) -> str:

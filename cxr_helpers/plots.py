@@ -124,3 +124,54 @@ def loss_curve(loss: pd.DataFrame, save_to=None, smoothing: float = 0.9):
     ax.set_title(f"Training loss ({len(loss)} steps)")
     ax.legend()
     return _finish(fig, save_to)
+
+
+def metric_intervals(table: pd.DataFrame, save_to=None):
+    """One panel per metric: a bar per set with its 95% interval (FID) or ± std (KID, IS)."""
+    metrics = [m for m in ("fid", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
+                           "fid_xrv") if m in set(table["metric"])]
+    cols = min(4, max(1, len(metrics)))
+    rows = max(1, int(np.ceil(len(metrics) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
+        ax.axis("on")
+        part = table[table["metric"] == metric]
+        values = part["value"].astype(float).to_numpy()
+        low = np.where(part["ci_low"].notna(), values - part["ci_low"].astype(float), part["std"].astype(float).fillna(0))
+        high = np.where(part["ci_high"].notna(), part["ci_high"].astype(float) - values, part["std"].astype(float).fillna(0))
+        # FID's interval is a bootstrap percentile interval: it need not contain the point estimate.
+        ax.bar(range(len(part)), values, yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)], capsize=4,
+               color=["#4c72b0", "#dd8452", "#55a868", "#8172b2"][: len(part)])
+        ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18) for s in part["set"]], rotation=20, ha="right")
+        n = part["n_generated"].dropna()
+        ax.set_title(f"{metric}" + (f" (N={int(n.max())})" if len(n) else ""))
+    networks = sorted(set(table["feature_network"].dropna()))
+    fig.suptitle("features: " + "; ".join(networks), fontsize=9)
+    return _finish(fig, save_to)
+
+
+def nearest_pairs(audit: pd.DataFrame, sets: dict, reference, top: int = 6, save_to=None):
+    """The generated images closest to a real (patient) image, beside that image."""
+    closest = audit.sort_values("pixel_correlation", ascending=False).head(top)
+    images, captions = [], []
+    for row in closest.itertuples():
+        image_set = sets[row.set]
+        images.append(image_set.images[image_set.files.index(row.generated_file), 0].numpy())
+        images.append(reference.images[row.ref_index, 0].numpy())
+        flag = " FLAGGED" if row.flagged else ""
+        captions += [f"{row.set}: {row.generated_file}{flag}",
+                     f"nearest real ({row.nearest_by_pixels_split}), r={row.pixel_correlation:.3f}"]
+    return image_grid(images, captions, columns=4, save_to=save_to,
+                      title="memorisation audit: closest generated / real pairs (real images are patient data)")
+
+
+def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for name, part in diversity.groupby("set", sort=False):
+        ax.hist(part["ms_ssim"], bins=20, range=(0, 1), alpha=0.6, label=f"{name} ({len(part)} prompts)")
+    ax.set_xlabel("mean pairwise MS-SSIM among images of one prompt (lower = more diverse)")
+    ax.set_ylabel("prompts")
+    ax.legend()
+    return _finish(fig, save_to)

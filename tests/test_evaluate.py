@@ -1,0 +1,196 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cxr_helpers import evaluate as ev
+from cxr_helpers.config import EvalConfig, SampleConfig, stage_config
+from cxr_helpers.data import ChestXrayDataset, load_pairs
+from cxr_helpers.errors import CxrError
+from cxr_helpers.sample import sample
+
+
+def write_set(folder, images, prompts):
+    """A folder shaped like the sampling stage's output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"{i:05d}_00_seed{i}.png"
+        image.save(folder / name)
+        rows.append({"file": name, "prompt": prompt})
+    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+def split_images(pairs_csv, data_dir, split):
+    ds = ChestXrayDataset(load_pairs(pairs_csv, split), data_dir, 128)
+    return [ds.load_image(i) for i in range(len(ds))], ds.pairs["prompt"].tolist()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tiny_model_dir, lora_dir, pairs_csv):
+    out = tmp_path_factory.mktemp("gen")
+    sample(stage_config(SampleConfig, model=str(tiny_model_dir), lora=str(lora_dir), out=str(out / "tuned"),
+                        pairs=str(pairs_csv), n_per_prompt=2, steps=2, limit=6), progress=False)
+    return out / "tuned"
+
+
+def config(pairs_csv, synth_dir, out, generated, **kw):
+    base = dict(pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(out), generated=tuple(generated),
+                feature_net="standin", bootstrap=20)
+    base.update(kw)
+    return stage_config(EvalConfig, **base)
+
+
+def test_fid_matches_torchmetrics_on_the_same_features():
+    g = torch.Generator().manual_seed(0)
+    for n, m, d in [(40, 50, 64), (300, 260, 16)]:  # fewer and more samples than dimensions
+        a = torch.randn(n, d, generator=g, dtype=torch.float64)
+        b = torch.randn(m, d, generator=g, dtype=torch.float64) * 1.3 + 0.2
+        ours, theirs = ev.frechet_distance(a, b), ev.torchmetrics_fid(a, b)
+        assert abs(ours - theirs) <= 1e-6 * abs(theirs)
+
+
+def test_fid_of_two_known_gaussians_matches_the_closed_form():
+    g = torch.Generator().manual_seed(1)
+    n = 40000
+    a = torch.randn(n, 4, generator=g, dtype=torch.float64)  # N(0, I)
+    b = torch.randn(n, 4, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1, 1, 1], dtype=torch.float64)
+    b[:, 0] += 1.0  # N((1,0,0,0), diag(4,1,1,1))
+    # ||mu||^2 + tr(I + S - 2 S^1/2) = 1 + (1 + 4 - 4) = 2
+    assert ev.frechet_distance(a, b) == pytest.approx(2.0, abs=0.08)
+    assert ev.torchmetrics_fid(a, b) == pytest.approx(2.0, abs=0.08)
+
+
+def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, synth_dir):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    net = ev.StandInFeatures(0)
+    real = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "test")[0]])
+    fake = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "train")[0][:len(real)]])
+
+    class Pool(torch.nn.Module):
+        num_features = net.num_features
+        def forward(self, x):
+            return net(x)[0]
+
+    class Logits(torch.nn.Module):
+        def forward(self, x):
+            return net(x)[1]
+
+    fid = FrechetInceptionDistance(feature=Pool())
+    kid = KernelInceptionDistance(feature=Pool(), subset_size=10)
+    score = InceptionScore(feature=Logits(), splits=2)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    score.update(fake)
+    torch.manual_seed(0)
+    kid_sep = kid.compute()
+    torch.manual_seed(0)
+    is_sep = score.compute()
+
+    real_pool, _ = ev.embed(net, real, progress=False)
+    fake_pool, fake_logits = ev.embed(net, fake, progress=False)
+    assert ev.torchmetrics_fid(real_pool, fake_pool) == pytest.approx(float(fid.compute()), rel=1e-6)
+    assert ev.torchmetrics_kid(real_pool, fake_pool, 10, 0) == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6)
+    assert ev.torchmetrics_is(fake_logits, 2, 0) == pytest.approx(tuple(float(v) for v in is_sep), rel=1e-6)
+
+
+def test_copies_of_the_real_test_images_score_zero_and_are_all_flagged(pairs_csv, synth_dir, tmp_path):
+    images, prompts = split_images(pairs_csv, synth_dir, "test")
+    copies = write_set(tmp_path / "copies", images, prompts)
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"copies={copies}"], real_floor=False),
+                         progress=False)
+    value = result.table.set_index(["set", "metric"])["value"]
+    assert abs(value["copies", "fid"]) < 1e-6
+    # KID's unbiased estimator is not exactly 0 for identical sets (its cross term pairs each image
+    # with itself); at this N it stays within a few 1e-3 (tiny-model noise images score ~3e-2).
+    assert abs(value["copies", "kid"]) < 5e-3
+    assert value["copies", "precision"] == value["copies", "recall"] == value["copies", "coverage"] == 1.0
+    assert bool(result.audit["flagged"].all()) and (result.audit["pixel_correlation"] > 0.999).all()
+    assert (result.audit["nearest_by_pixels_split"] == "test").all()
+
+
+def test_a_planted_training_image_is_flagged(pairs_csv, synth_dir, generated, tmp_path):
+    meta = pd.read_csv(generated / "metadata.csv", keep_default_na=False)
+    images = [Image.open(generated / f) for f in meta["file"]]
+    train_images, train_prompts = split_images(pairs_csv, synth_dir, "train")
+    planted = write_set(tmp_path / "planted", images + [train_images[3]], meta["prompt"].tolist() + [train_prompts[3]])
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"gen={planted}"], metrics=("fid", "audit")),
+                         progress=False)
+    flagged = result.audit[result.audit["flagged"]]
+    assert flagged["generated_file"].tolist() == [f"{len(images):05d}_00_seed{len(images)}.png"]
+    assert flagged["nearest_by_pixels_split"].tolist() == ["train"]
+    assert (tmp_path / "eval" / "audit.csv").is_file() and (tmp_path / "eval" / "figures" / "nearest_pairs.png").is_file()
+
+
+def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, generated, tmp_path):
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"fine-tuned={generated}"]), progress=False)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    csv = pd.read_csv(tmp_path / "eval" / "metrics.csv")
+    assert set(csv["set"]) == {"fine-tuned", "real train (floor)"}
+    assert {"fid", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
+            "audit_flagged"} <= set(csv["metric"])
+    assert csv.loc[csv["metric"] == "fid", "feature_network"].str.startswith("STAND-IN").all()
+    fid = csv[(csv["metric"] == "fid") & (csv["set"] == "fine-tuned")].iloc[0]
+    assert fid["ci_low"] <= fid["value"] <= fid["ci_high"] and fid["n_real"] == fid["n_generated"] == saved["n_per_set"]
+    notes = " ".join(saved["notes"])
+    assert "biased" in notes and "KID subset size lowered" in notes and "STAND-IN" in notes and "XRV" in notes
+    assert saved["versions"]["torchmetrics"]
+    diversity = pd.read_csv(tmp_path / "eval" / "diversity.csv")
+    distinct = pd.read_csv(generated / "metadata.csv")["prompt"].nunique()  # grouped by prompt text
+    assert len(diversity) == distinct and diversity["ms_ssim"].between(-1, 1).all()
+    for name in ("metrics.png", "diversity.png", "nearest_pairs.png"):
+        assert (tmp_path / "eval" / "figures" / name).is_file()
+    table = ev.results_table(result.table)
+    assert list(table.index) == ["fine-tuned", "real train (floor)"] and "[" in table.loc["fine-tuned", "fid"]
+
+
+def test_real_features_are_cached(pairs_csv, synth_dir, generated, tmp_path, monkeypatch):
+    cfg = config(pairs_csv, synth_dir, tmp_path / "eval", [f"gen={generated}"], metrics=("fid",),
+                 cache_dir=str(tmp_path / "cache"))
+    first = ev.evaluate(cfg, progress=False)
+    assert first.cache_hits == []
+    embedded = []
+    real_embed = ev.embed
+    monkeypatch.setattr(ev, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
+    second = ev.evaluate(cfg, progress=False)
+    assert len(second.cache_hits) == 2  # the test images and the floor's train images
+    assert embedded == [first.table.iloc[0]["n_generated"]]  # only the generated set was embedded
+    assert second.table["value"].tolist() == first.table["value"].tolist()
+
+
+def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
+    (tmp_path / "nometa").mkdir()
+    one = write_set(tmp_path / "one", [Image.new("L", (128, 128))], ["x"])
+    broken = write_set(tmp_path / "broken", [Image.new("L", (128, 128), 40 * i) for i in range(4)], ["x"] * 4)
+    (broken / "00002_00_seed2.png").write_bytes(b"not a png")
+    for generated_dirs, kw, message in [
+        ([str(tmp_path / "nometa")], {}, "has no metadata.csv"),
+        ([str(tmp_path / "nowhere")], {}, "does not exist"),
+        ([str(one)], {}, "has 1 readable image\\(s\\); at least 2 are needed"),
+        ([str(generated)], {"metrics": ("fid", "lpips")}, "lpips not known"),
+        ([str(generated)], {"n": 1}, "--n must be at least 2"),
+        ([str(generated)], {"feature_net": "clip"}, "is not known"),
+        ([], {}, "no generated images"),
+    ]:
+        with pytest.raises(CxrError, match=message):
+            ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", generated_dirs, **kw), progress=False)
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", [str(broken)], metrics=("fid", "kid")), progress=False)
+    assert "broken: 1 unreadable image(s) skipped" in result.notes
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["unreadable"] == {"broken": 1}
+
+
+def test_inception_offline_names_the_file_and_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(ev, "_github_reachable", lambda: False)
+    with pytest.raises(CxrError, match="pt_inception-2015-12-05-6726825d.pth.*--feature-weights PATH"):
+        ev.resolve_inception_weights(None)
+    with pytest.raises(CxrError, match="does not exist"):
+        ev.resolve_inception_weights(tmp_path / "nope.pth")
