@@ -58,6 +58,8 @@ def test_built_folders_follow_kaggles_schema(built):
         ids.append(meta["id"])
     gallery = json.loads((built / "cxr-lora-03-sampling-gallery" / "kernel-metadata.json").read_text())
     assert gallery["kernel_sources"] == ["jdoe/cxr-lora-02-lora-fine-tuning"]  # 03 reads 02's LoRA
+    scores = json.loads((built / "cxr-lora-04-evaluation" / "kernel-metadata.json").read_text())
+    assert scores["kernel_sources"] == ["jdoe/cxr-lora-02-lora-fine-tuning"] and scores["enable_gpu"]
 
 
 def test_t4x2_and_bad_owner(tmp_path):
@@ -103,7 +105,8 @@ def test_push_dry_run_prints_the_commands_in_order(built, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kaggle ")]
     assert lines[0].startswith("kaggle datasets version -p ") and lines[0].endswith("--dir-mode zip")
     assert [line.split()[-1].rsplit("/", 1)[-1] for line in lines[1:]] == [
-        "cxr-lora-01-data-exploration", "cxr-lora-02-lora-fine-tuning", "cxr-lora-03-sampling-gallery"]
+        "cxr-lora-01-data-exploration", "cxr-lora-02-lora-fine-tuning", "cxr-lora-03-sampling-gallery",
+        "cxr-lora-04-evaluation"]
     assert all(line.startswith("kaggle kernels push -p ") for line in lines[1:])
 
 
@@ -118,7 +121,7 @@ def test_push_creates_the_dataset_when_new_and_never_shows_the_token(built, monk
         return subprocess.CompletedProcess(command, 1 if missing else 0, "", "404 - Not Found" if missing else "")
     kaggle.push(built, runner=runner)
     assert [c[:3] for c in calls] == [["kaggle", "datasets", "version"], ["kaggle", "datasets", "create"]] + \
-        [["kaggle", "kernels", "push"]] * 3
+        [["kaggle", "kernels", "push"]] * 4
     assert "s3cr3t" not in capsys.readouterr().out and all("s3cr3t" not in " ".join(c) for c in calls)
 
 

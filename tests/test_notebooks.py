@@ -93,3 +93,17 @@ def test_notebook_03_draws_galleries_drives_the_widget_and_exports(demo_run):
     assert rec["lora_dir"] == str(out / "train" / "lora")
     exported = pd.read_csv(out / "export" / "dataset" / "indiana_reports.csv")
     assert exported["image"].str.startswith("SYNTHETIC").all()
+
+
+def test_notebook_04_scores_base_tuned_and_floor_with_a_named_stand_in(demo_run):
+    out, _ = demo_run
+    rec = json.loads((out / "records" / "04_evaluation.json").read_text())
+    metrics = pd.read_csv(out / "eval" / "metrics.csv")
+    assert set(rec["fid"]) == {"base", "fine-tuned", "real train (floor)"} == set(metrics["set"])
+    for name, value in rec["fid"].items():
+        assert value == pytest.approx(metrics.query("set == @name and metric == 'fid'")["value"].iloc[0])
+    assert rec["fid"]["real train (floor)"] < min(rec["fid"]["base"], rec["fid"]["fine-tuned"])  # real is the floor
+    assert rec["feature_network"].startswith("STAND-IN") and metrics["feature_network"].str.contains("STAND-IN").any()
+    assert any("biased" in note for note in rec["notes"])
+    assert set(rec["figures"]) == {"metrics.png", "nearest_pairs.png", "diversity.png"}
+    assert len(pd.read_csv(out / "eval" / "samples" / "fine-tuned" / "metadata.csv")) == 24  # 12 test pairs x 2
