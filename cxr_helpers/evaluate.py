@@ -384,8 +384,8 @@ def audit(generated: ImageSet, gen_features: torch.Tensor, reference: ImageSet, 
         return torch.nn.functional.normalize(x.double(), dim=1)
 
     cos = unit(gen_features) @ unit(ref_features).T
-    def centred(images):
-        flat = images[:, 0].reshape(len(images), -1).double()
+    def centred(images):  # float32: 7,000 real films at 128 px stay under 0.5 GB
+        flat = images[:, 0].reshape(len(images), -1).float()
         flat = flat - flat.mean(1, keepdim=True)
         return torch.nn.functional.normalize(flat, dim=1)
 
