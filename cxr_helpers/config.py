@@ -176,6 +176,10 @@ _CPU_SMOKE_TRAIN = dict(
     batch_size=2, max_steps=6, learning_rate=1e-3, checkpoint_every=3, validation_every=3,
     validation_steps=4, validation_seeds=(0, 1), rank=4,
 )
+_SMOKE_STAGES = {
+    "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
+    "evaluate": {"feature_net": "standin", "bootstrap": 50},
+}
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 _KAGGLE_TRAIN = dict(
     batch_size=16, max_steps=3000, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100,
@@ -190,30 +194,28 @@ PRESETS: dict[str, Preset] = {
         "model, seconds on a CPU",
         offline=True,
         model="",
-        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
-                "sample": {"steps": 4}, "evaluate": {"feature_net": "standin", "bootstrap": 50}},
+        stages=_SMOKE_STAGES,
     ),
     "cpu-smoke": Preset(
         name="cpu-smoke",
         description="the smoke preset's offline inputs with a few CPU training steps",
         offline=True,
         model="",
-        stages={"synth": {"reports": 80, "image_size": 320}, "train": dict(_CPU_SMOKE_TRAIN),
-                "sample": {"steps": 4}, "evaluate": {"feature_net": "standin", "bootstrap": 50}},
+        stages=_SMOKE_STAGES,
     ),
     "kaggle-t4x2": Preset(
         name="kaggle-t4x2",
         description="Kaggle's T4 x2 (fp16, no bf16): `accelerate launch --num_processes 2`, batch 16 per GPU",
         offline=False,
         model=SD15_MODEL_ID,
-        stages={"train": dict(_KAGGLE_TRAIN)},
+        stages={"train": _KAGGLE_TRAIN},
     ),
     "kaggle-p100": Preset(
         name="kaggle-p100",
         description="Kaggle's P100 (fp16, no bf16, no tensor cores); needs a torch built with sm_60",
         offline=False,
         model=SD15_MODEL_ID,
-        stages={"train": dict(_KAGGLE_TRAIN)},
+        stages={"train": _KAGGLE_TRAIN},
     ),
     "sd15": Preset(
         name="sd15",

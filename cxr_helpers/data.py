@@ -171,6 +171,13 @@ def inspect_images(paths: list[Path], workers: int = 8, progress: bool = True) -
 
 # ---------------------------------------------------------------- split ----------------------
 
+def check_split(mode: str, test_fraction: float) -> None:
+    if mode not in SPLITS:
+        raise CxrError(f"--split {mode!r} is not known; use 'patient' (no leak) or 'image' (the seed's)")
+    if not 0.0 < test_fraction < 1.0:
+        raise CxrError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+
+
 def split_pairs(pairs: pd.DataFrame, mode: str, test_fraction: float, seed: int) -> pd.Series:
     """'train'/'test' per row.
 
@@ -179,10 +186,7 @@ def split_pairs(pairs: pd.DataFrame, mode: str, test_fraction: float, seed: int)
     patient: whole uids go to one side; uids are shuffled and taken into test until it holds
     about the fraction of pairs.
     """
-    if mode not in SPLITS:
-        raise CxrError(f"--split {mode!r} is not known; use 'patient' (no leak) or 'image' (the seed's)")
-    if not 0.0 < test_fraction < 1.0:
-        raise CxrError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    check_split(mode, test_fraction)
     n = len(pairs)
     split = pd.Series("train", index=pairs.index)
     if n == 0:
@@ -246,7 +250,7 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
         raise CxrError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.max_tokens < 3:
         raise CxrError(f"max_tokens must be at least 3 (start, one word, end), got {cfg.max_tokens}")
-    split_pairs(pd.DataFrame({"uid": []}), cfg.split, cfg.test_fraction, cfg.seed)  # validate early
+    check_split(cfg.split, cfg.test_fraction)  # before any work
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
     if tokenizer is None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig, config_to_dict
 from .errors import CxrError
-from .io import atomic_path, library_versions, write_csv, write_json
+from .io import atomic_path, can_reach, library_versions, write_csv, write_json
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)
@@ -117,13 +117,7 @@ def resolve_inception_weights(weights: str | Path | None) -> Path | None:
 
 
 def _github_reachable() -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("github.com", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
+    return can_reach("github.com")
 
 
 class XRVFeatures(nn.Module):
@@ -441,11 +435,15 @@ class EvalResult:
     figures: dict
 
 
-def _subsample(image_set: ImageSet, n: int, seed: int) -> ImageSet:
-    if len(image_set.images) <= n:
-        return image_set
-    idx = sorted(np.random.default_rng(seed).choice(len(image_set.images), n, replace=False).tolist())
-    return ImageSet(image_set.name, image_set.images[idx], [image_set.prompts[i] for i in idx],
+def _pick(size: int, n: int, seed: int) -> list[int]:
+    """n of range(size), seeded (all of them when size <= n)."""
+    if size <= n:
+        return list(range(size))
+    return sorted(np.random.default_rng(seed).choice(size, n, replace=False).tolist())
+
+
+def _take(image_set: ImageSet, idx: list[int], name: str | None = None) -> ImageSet:
+    return ImageSet(name or image_set.name, image_set.images[idx], [image_set.prompts[i] for i in idx],
                     [image_set.files[i] for i in idx], image_set.unreadable)
 
 
@@ -481,8 +479,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     n = min([len(real.images)] + [len(g.images) for g in generated] + ([cfg.n] if cfg.n else []))
     if cfg.real_floor and train is not None:
         n = min(n, len(train.images))
-    generated = [_subsample(g, n, cfg.seed) for g in generated]
-    real_n = _subsample(real, n, cfg.seed)
+    generated = [_take(g, _pick(len(g.images), n, cfg.seed)) for g in generated]
+    real_idx = _pick(len(real.images), n, cfg.seed)
+    real_n = _take(real, real_idx)
     if n < FID_BIAS_N:
         notes.append(f"FID with N = {n} < {FID_BIAS_N} images is biased upwards: compare FIDs only at the same N, "
                      "and read KID (unbiased) beside it")
@@ -495,12 +494,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     if isinstance(net, StandInFeatures):
         notes.append(f"features: {STANDIN_NAME}")
     hits: list[str] = []
-    real_pool, _ = cached_embed(net, real_n, cache_dir, cfg.batch_size, progress, hits)
+    # Each real image is embedded once: the whole test split (and the whole train split when the
+    # audit needs it); the compared subsets are rows of those features.
+    real_all, _ = cached_embed(net, real, cache_dir, cfg.batch_size, progress, hits)
+    real_pool = real_all[real_idx]
+    train_all = cached_embed(net, train, cache_dir, cfg.batch_size, progress, hits) if "audit" in cfg.metrics else None
     compared = [(g.name, g, *embed(net, g.images, cfg.batch_size, f"features: {g.name}", progress)) for g in generated]
     if cfg.real_floor and train is not None:
-        floor = _subsample(train, n, cfg.seed + 1)
-        floor.name = "real train (floor)"
-        f_pool, f_logits = cached_embed(net, floor, cache_dir, cfg.batch_size, progress, hits)
+        floor_idx = _pick(len(train.images), n, cfg.seed + 1)
+        floor = _take(train, floor_idx, "real train (floor)")
+        f_pool, f_logits = ((train_all[0][floor_idx], train_all[1][floor_idx]) if train_all is not None
+                            else cached_embed(net, floor, cache_dir, cfg.batch_size, progress, hits))
         compared.append((floor.name, floor, f_pool, f_logits))
 
     rows = []
@@ -539,8 +543,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         reference = ImageSet("real", torch.cat([train.images, real.images]), train.prompts + real.prompts,
                              train.files + real.files)
         ref_split = ["train"] * len(train.images) + ["test"] * len(real.images)
-        ref_pool = torch.cat([cached_embed(net, train, cache_dir, cfg.batch_size, progress, hits)[0],
-                              cached_embed(net, real, cache_dir, cfg.batch_size, progress, hits)[0]])
+        ref_pool = torch.cat([train_all[0], real_all])
         parts = []
         for name, image_set, pool, _ in compared[: len(generated)]:
             table = audit(image_set, pool, reference, ref_pool, ref_split, cfg.audit_pixel_threshold,

@@ -61,6 +61,30 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_user_json(path: str | os.PathLike, what: str, missing_hint: str) -> Any:
+    """A JSON file the user wrote, or one sentence saying what is wrong with it."""
+    from .errors import CxrError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CxrError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+
+
+def can_reach(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens (offline it fails fast, unlike client retries)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def write_csv(path: str | os.PathLike, frame) -> Path:
     """Write a pandas DataFrame atomically, without its index."""
     with atomic_path(path) as tmp:

@@ -7,7 +7,6 @@ dataset folder carrying the helper package as a wheel; and the push through the 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import CxrError
-from .io import write_json
+from .io import read_user_json, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "kaggle-metadata.json"
@@ -55,12 +54,7 @@ def find_root() -> Path:
 
 def load_manifest(path: str | Path | None = None) -> dict:
     path = Path(path) if path else find_root() / MANIFEST
-    if not path.is_file():
-        raise CxrError(f"{path} does not exist; run from the repository root (it holds {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CxrError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+    manifest = read_user_json(path, "manifest", f"run from the repository root (it holds {MANIFEST})")
     for key in ("owner", "dataset_sources", "helpers_dataset", "notebooks"):
         if key not in manifest:
             raise CxrError(f"{path} lacks {key!r}; see the README's Kaggle section for the fields")
@@ -102,18 +96,16 @@ def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
         return Path(shutil.copy2(wheel, out_dir / wheel.name))
 
 
-def with_install_cell(notebook_path: Path) -> dict:
-    """The notebook with the install cell first (outputs cleared)."""
+def publishable(notebook_path: Path) -> dict:
+    """The notebook as published: outputs cleared, its first code cell the install cell (the
+    repository's notebooks carry it, so they run the same everywhere)."""
     nb = json.loads(notebook_path.read_text(encoding="utf-8"))
-    nb = copy.deepcopy(nb)
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            cell["outputs"], cell["execution_count"] = [], None
-    nb["cells"] = [c for c in nb["cells"] if INSTALL_CELL_TAG not in c.get("metadata", {}).get("tags", [])]
-    first_code = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code")
-    install = {"cell_type": "code", "execution_count": None, "id": "install-helpers",
-               "metadata": {"tags": [INSTALL_CELL_TAG]}, "outputs": [], "source": INSTALL_CELL}
-    nb["cells"].insert(first_code, install)
+    code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
+    if not code or "".join(code[0]["source"]) != INSTALL_CELL:
+        raise CxrError(f"{notebook_path.name} does not start with the helpers' install cell; copy "
+                       "cxr_helpers.kaggle.INSTALL_CELL into its first code cell")
+    for cell in code:
+        cell["outputs"], cell["execution_count"] = [], None
     return nb
 
 
@@ -171,7 +163,7 @@ def build(out: str | Path, owner: str | None = None, accelerator: str | None = N
     for entry in manifest["notebooks"]:
         folder = out / slugify(entry["title"])
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / entry["notebook"], with_install_cell(notebooks_dir / entry["notebook"]))
+        write_json(folder / entry["notebook"], publishable(notebooks_dir / entry["notebook"]))
         write_json(folder / "kernel-metadata.json", kernel_metadata(entry, manifest, owner, accelerator))
         folders.append(folder)
     write_json(out / "build.json", {"owner": owner, "accelerator": accelerator,

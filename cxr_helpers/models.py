@@ -39,19 +39,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (fails fast offline, instead of the hub
     client's minutes of retries)."""
     import os
-    import socket
     from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    from .io import can_reach
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return can_reach(urlparse(constants.ENDPOINT).hostname or "huggingface.co", timeout)
 
 
 def _from_hub(loader, model: str, what: str, **kwargs):

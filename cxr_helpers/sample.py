@@ -9,7 +9,6 @@ written as grayscale PNGs with a metadata.csv row each; a rerun skips what is al
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
 from .errors import CxrError
-from .io import atomic_path, library_versions, read_json, write_csv, write_json
+from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("dpm++", "ddim", "pndm", "euler")
@@ -301,13 +300,7 @@ def read_spec(path: str | Path) -> dict:
     """A synthesize spec (JSON): {"items": [{"prompt": ..., "count": N} |
     {"label": ..., "templates": [...], "count": N}], optional model, lora, seed, steps, guidance,
     resolution, scheduler, lora_scale, uid_start}."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrError(f"spec {path} does not exist; write a JSON file with an \"items\" list")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CxrError(f"spec {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+    spec = read_user_json(path, "spec", "write a JSON file with an \"items\" list")
     items = spec.get("items") if isinstance(spec, dict) else None
     if not items:
         raise CxrError(f"spec {path} has no \"items\"; list {{\"prompt\": TEXT, \"count\": N}} or "

@@ -401,11 +401,12 @@ audit before sharing outputs). Fine detail is limited by the {cfg.resolution} px
 
 # ---------------------------------------------------------------- validation -----------------
 
-def default_validation_prompts(pairs_csv: str, n: int = 4) -> list[str]:
-    """The most common test-split prompts (else train-split ones)."""
+def default_validation_prompts(pairs: str | Path | pd.DataFrame, n: int = 4) -> list[str]:
+    """The most common test-split prompts (else train-split ones) of pairs.csv or its frame."""
     from .data import load_pairs
 
-    pairs = load_pairs(pairs_csv)
+    if not isinstance(pairs, pd.DataFrame):
+        pairs = load_pairs(pairs)
     pool = pairs[pairs["split"] == "test"] if (pairs["split"] == "test").any() else pairs
     return pool["prompt"].value_counts().head(n).index.tolist()
 
@@ -436,12 +437,8 @@ class TrainResult:
     figures: list[Path]
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train (or resume) and write OUT/lora, OUT/loss.csv, OUT/checkpoints, OUT/figures.
-
-    `stop_after` ends the run after that many steps of this invocation without the final save
-    (as if the session were killed): used by the notebook's resume demonstration and tests.
-    """
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train (or resume) and write OUT/lora, OUT/loss.csv, OUT/checkpoints, OUT/figures."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import StableDiffusionPipeline
@@ -473,8 +470,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                            "resume with the same settings or start a new --out")
 
     device_kind = check_device(cfg.mixed_precision)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if device_kind == "cuda" or cfg.mixed_precision == "bf16" else "no",
-                              gradient_accumulation_steps=cfg.grad_accum, cpu=device_kind == "cpu")
+    # check_device has refused fp16 without a GPU, so the precision passes through.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=device_kind == "cpu")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(cfg.seed)
@@ -526,7 +524,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     figures_dir = out / "figures"
-    prompts_val = list(cfg.validation_prompts) or default_validation_prompts(cfg.pairs)
+    prompts_val = list(cfg.validation_prompts) or default_validation_prompts(pairs_all)
     n_trainable = sum(p.numel() for p in lora_params)
     main = accelerator.is_main_process
     if main:
@@ -561,12 +559,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     bar = tqdm(total=max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_local_main_process))
     unet.train()
     step = start_step
-    steps_this_run = 0
     while step < max_steps:
-        if stop_after is not None and steps_this_run >= stop_after:
-            bar.close()
-            return TrainResult(out, out / "lora", step, pd.DataFrame(loss_rows, columns=LOSS_COLUMNS), enc.hit,
-                               enc.encoded_images, [])
         tic = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout, if any, replays on resume
         losses = []
@@ -593,7 +586,6 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 optimizer.zero_grad(set_to_none=True)
             losses.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
         step += 1
-        steps_this_run += 1
         elapsed = time.perf_counter() - tic
         row = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
                "epoch": step * per_step / len(pairs), "images_per_s": per_step / elapsed}
