@@ -11,8 +11,10 @@ only the generated images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,11 @@ from .config import EvalConfig, config_to_dict
 from .errors import CxrError
 from .io import atomic_path, can_reach, library_versions, write_csv, write_json
 
-INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)
 XRV_WEIGHTS_NAME = "densenet121-res224-all"
+XRV_WEIGHTS_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+XRV_WEIGHTS_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_WEIGHTS_FILE
 STANDIN_NAME = "STAND-IN feature network (small random conv net, not Inception: not comparable to published FID/IS)"
 FID_BIAS_N = 2048
 METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
@@ -67,6 +71,16 @@ class StandInFeatures(nn.Module):
         return pool, self.head(pool)
 
 
+def _inception_class():
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as exc:
+        raise CxrError(f"the Inception network needs torch-fidelity ({exc.__class__.__name__}: {exc}); "
+                       "`pip install torch-fidelity` (it needs torchvision), or use --feature-net standin "
+                       "for an offline smoke test") from None
+    return FeatureExtractorInceptionV3
+
+
 class InceptionFeatures(nn.Module):
     """torch-fidelity's Inception-v3 FID network: 2048-d pool features and the 1008 logits for
     IS, from one pass (it resizes to 299 px itself, as the FID reference does)."""
@@ -76,27 +90,47 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | Path | None):
         super().__init__()
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as exc:
-            raise CxrError(f"the Inception network needs torch-fidelity ({exc.__class__.__name__}: {exc}); "
-                           "`pip install torch-fidelity` (it needs torchvision), or use --feature-net standin "
-                           "for an offline smoke test") from None
+        extractor = _inception_class()
         path = resolve_inception_weights(weights)
+        if path is not None:
+            check_state_dict_file(path, "--feature-weights")
         try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=str(path) if path else None)
+            self.net = extractor("inception-v3-compat", ["2048", "logits_unbiased"],
+                                 feature_extractor_weights_path=str(path) if path else None)
         except Exception as exc:
+            if path is not None and isinstance(exc, RuntimeError):  # load_state_dict: wrong keys or shapes
+                raise CxrError(f"{path} is not torch-fidelity's Inception FID weights "
+                               f"({str(exc).splitlines()[0][:100]}); download {INCEPTION_WEIGHTS_URL}") from None
             raise CxrError(f"could not get the Inception weights {INCEPTION_WEIGHTS_FILE} ({exc.__class__.__name__}); "
                            f"with no internet, download it from {INCEPTION_WEIGHTS_URL} and pass "
                            f"--feature-weights PATH (or put it in {torch.hub.get_dir()}/checkpoints/)") from None
         self.num_features = 2048
+        self.channels_last = False
         self.eval()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.device.type == "cpu":
+            # Channels-last convolutions: ~1.2x faster on CPU (oneDNN), the same features to float
+            # rounding (tests and benchmarks/bench_eval.py compare with torchmetrics' own network).
+            # GPUs keep torch-fidelity's layout.
+            if not self.channels_last:
+                self.net.to(memory_format=torch.channels_last)
+                self.channels_last = True
+            images = images.contiguous(memory_format=torch.channels_last)
         pool, logits = self.net(images)
         return pool.reshape(len(images), -1), logits.reshape(len(images), -1)
+
+
+def check_state_dict_file(path: Path, option: str) -> None:
+    """Refuse a weights file that is more than tensors: torch-fidelity unpickles it next
+    (weights_only=False), so first read it with torch's tensors-only loader."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CxrError(f"{option} {path} is not a plain PyTorch state dict ({exc.__class__.__name__}: "
+                       f"{str(exc).splitlines()[0][:100]}); not unpickling it: use the file from "
+                       "the official release") from None
 
 
 def resolve_inception_weights(weights: str | Path | None) -> Path | None:
@@ -120,27 +154,71 @@ def _github_reachable() -> bool:
     return can_reach("github.com")
 
 
+def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Write a state dict of torch-fidelity's Inception-v3 with random weights (He-normal convs,
+    so activations keep their scale through the ReLUs and the features are not all ~0): same
+    architecture and compute as the real network, meaningless values. For offline tests and
+    benchmarks only; nothing here is downloaded."""
+    from unittest import mock
+
+    extractor = _inception_class()
+    torch.manual_seed(seed)
+    # The constructor always loads weights; let it load nothing so the fresh init stays.
+    with mock.patch(f"{extractor.__module__}.load_state_dict_from_url", return_value={}), \
+            mock.patch.object(extractor, "load_state_dict", return_value=None):
+        net = extractor("inception-v3-compat", ["2048"])
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    # The features vary little between images: wider logits give an IS above 1, yet not so wide
+    # that float32 softmax underflows to 0 for a whole class (torchmetrics' IS is NaN then).
+    nn.init.normal_(net.fc.weight, std=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)
+    return path
+
+
 class XRVFeatures(nn.Module):
     """torchxrayvision's DenseNet-121 (all datasets, 224 px): 1024-d features, as RoentGen's
-    domain FID. Grayscale in [-1024, 1024]."""
+    domain FID. Grayscale in [-1024, 1024].
+
+    weights: "" = torchxrayvision's own file (its cache, else downloaded); a directory = a cache
+    dir holding that release file; a .safetensors file = a state dict of the same network."""
 
     name = f"torchxrayvision {XRV_WEIGHTS_NAME}"
     key = "xrv-densenet121-res224-all"
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
-        import torchxrayvision as xrv  # raises ImportError when absent: the caller skips the metric
+        with warnings.catch_warnings():  # its import silences every warning process-wide; keep that local
+            import torchxrayvision as xrv  # raises ImportError when absent: the caller skips the metric
 
-        if weights:
-            self.net = xrv.models.DenseNet(weights=None, op_threshs=None)
+        path = Path(weights).expanduser() if weights else None
+        if path is not None and path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            path = Path(weights)
-            if path.suffix != ".safetensors":
-                raise CxrError(f"--xrv-weights must be a .safetensors file (no pickles of unknown files); got {path.name}")
-            self.net.load_state_dict(load_file(str(path)), strict=False)
+            self.net = xrv.models.DenseNet(weights=None, op_threshs=None)
+            state = {k: v for k, v in load_file(str(path)).items() if k != "op_threshs"}  # a buffer, not weights
+            try:
+                self.net.load_state_dict(state)
+            except Exception as exc:
+                raise CxrError(f"--xrv-weights {path} is not a state dict of torchxrayvision's DenseNet-121 "
+                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:100]})") from None
         else:
-            self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS_NAME)  # downloads on first use
+            cache = path if path is not None else Path(xrv.utils.get_cache_dir()).expanduser()
+            if path is not None and not path.is_dir():
+                raise CxrError(f"--xrv-weights {path} is neither a .safetensors file nor a folder; pass the folder "
+                               f"that holds {XRV_WEIGHTS_FILE}")
+            local = cache / XRV_WEIGHTS_FILE
+            # The release file is a pickled model that torchxrayvision itself loads, as after its own
+            # download; only that exact file name is used.
+            if not local.is_file() and (path is not None or not _github_reachable()):
+                raise CxrError(f"the torchxrayvision weights {XRV_WEIGHTS_FILE} are not in {cache} and "
+                               f"there is no internet: download {XRV_WEIGHTS_URL} into that folder")
+            with contextlib.redirect_stdout(sys.stderr):  # its download messages are prints
+                self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS_NAME, cache_dir=str(cache))
         self.num_features = 1024
         self.eval()
 
@@ -243,6 +321,8 @@ def cached_embed(net, image_set: ImageSet, cache_dir: Path, batch_size: int, pro
     from safetensors.torch import load_file, save_file
 
     digest = hashlib.sha256(net.key.encode())
+    for tensor in net.state_dict().values():  # the weights too: another weights file, other features
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(image_set.images.shape.__repr__().encode())
     for name in image_set.files:
         digest.update(name.encode() + b"\n")
@@ -491,6 +571,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     is_splits = max(1, min(cfg.is_splits, n // 2))
 
     net = feature_net or load_feature_net(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
     if isinstance(net, StandInFeatures):
         notes.append(f"features: {STANDIN_NAME}")
     hits: list[str] = []
@@ -556,10 +638,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         audit_table = pd.concat(parts, ignore_index=True)
     if "xrv" in cfg.metrics:
         try:
-            xrv_net = XRVFeatures(cfg.xrv_weights or None)
-        except Exception as exc:  # not installed, no weights offline: skipped, not fatal
+            xrv_net = XRVFeatures(cfg.xrv_weights or None).to(device)
+        except ImportError as exc:  # optional: skipped with a note, not fatal
+            notes.append(f"XRV DenseNet FID skipped: torchxrayvision is not installed ({exc}); "
+                         "pip install torchxrayvision")
+        except CxrError as exc:
+            if cfg.xrv_weights:  # weights the user named must load
+                raise
+            notes.append(f"XRV DenseNet FID skipped: {exc}")
+        except Exception as exc:  # its download failing
             notes.append(f"XRV DenseNet FID skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
-                         "(pip install torchxrayvision, with internet or --xrv-weights)")
+                         f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
         else:
             x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
             for name, image_set, *_ in compared:

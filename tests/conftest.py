@@ -58,3 +58,20 @@ def lora_dir(pairs_csv, synth_dir, tiny_model_dir, tmp_path_factory):
                       batch_size=2, max_steps=4, learning_rate=1e-2, checkpoint_every=0, validation_prompts=("x",),
                       validation_seeds=(0,), validation_steps=1)
     return train(cfg, progress=False).lora_dir
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_downloads(monkeypatch):
+    """The Inception and XRV weights come from GitHub: tests see it as unreachable, so nothing
+    downloads even on a machine with internet (the offline messages are what is tested)."""
+    from cxr_helpers import evaluate
+
+    monkeypatch.setattr(evaluate, "_github_reachable", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights, as a state dict file (no download)."""
+    from cxr_helpers.evaluate import random_inception_weights
+
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth", seed=0)

@@ -185,12 +185,3 @@ def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", [str(broken)], metrics=("fid", "kid")), progress=False)
     assert "broken: 1 unreadable image(s) skipped" in result.notes
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["unreadable"] == {"broken": 1}
-
-
-def test_inception_offline_names_the_file_and_where_to_put_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(ev, "_github_reachable", lambda: False)
-    with pytest.raises(CxrError, match="pt_inception-2015-12-05-6726825d.pth.*--feature-weights PATH"):
-        ev.resolve_inception_weights(None)
-    with pytest.raises(CxrError, match="does not exist"):
-        ev.resolve_inception_weights(tmp_path / "nope.pth")
