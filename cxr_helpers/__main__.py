@@ -136,8 +136,9 @@ EVAL_HELP = {
     "out": "output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/",
     "metrics": "any of fid kid is prdc diversity audit xrv (default: all)",
     "feature_net": "inception (default) or standin (a labelled offline stand-in, for tests)",
-    "feature_weights": "local Inception FID weights (pt_inception-2015-12-05-6726825d.pth) when offline",
-    "xrv_weights": "local torchxrayvision densenet121-res224-all weights (.safetensors)",
+    "feature_weights": "local Inception FID weights (weights-inception-2015-12-05-6726825d.pth) when offline",
+    "xrv_weights": "torchxrayvision densenet121-res224-all weights: a .safetensors state dict, or a folder "
+                   "holding its release file (default: its cache, else its download)",
     "n": "at most N images per set (the same N for every set)",
     "real_floor": "also score real train images vs real test images (the floor)",
     "bootstrap": "resamples for FID's 95% interval (0: none)",

@@ -140,8 +140,8 @@ class EvalConfig:
     out: str = "eval"
     metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
     feature_net: str = "inception"  # inception (torch-fidelity's FID network) | standin (offline tests only)
-    feature_weights: str = ""  # local file of the Inception FID weights (pt_inception-2015-12-05-6726825d.pth)
-    xrv_weights: str = ""  # local file of torchxrayvision's densenet121-res224-all weights
+    feature_weights: str = ""  # local file of the Inception FID weights (weights-inception-2015-12-05-6726825d.pth)
+    xrv_weights: str = ""  # XRV densenet121-res224-all: a .safetensors file, or a folder holding its release file
     n: int | None = None  # at most N images per set (same N for every set compared)
     real_floor: bool = True  # also score real train images against the real test images
     bootstrap: int = 200  # resamples for FID's confidence interval (0 = none)
@@ -178,7 +178,8 @@ _CPU_SMOKE_TRAIN = dict(
 )
 _SMOKE_STAGES = {
     "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
-    "evaluate": {"feature_net": "standin", "bootstrap": 50},
+    # Offline demo: the stand-in network, and no XRV DenseNet (its weights are a download).
+    "evaluate": {"feature_net": "standin", "bootstrap": 50, "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 _KAGGLE_TRAIN = dict(

@@ -38,7 +38,7 @@ if importlib.util.find_spec("cxr_helpers") is None:
     checkout = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
     if not wheels and checkout is None:
         raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) or run from the repository")
-    target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)  # [kaggle]: torch-fidelity for Inception FID
+    target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)  # [kaggle]: torch-fidelity + torchxrayvision (FID networks)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)'''
 
 
