@@ -659,10 +659,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
 
     table = pd.DataFrame(rows, columns=["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated",
                                         "feature_network"])
+    table["n_real"] = table["n_real"].astype("Int64")  # blank where no real set, never "24.0"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", table)
     write_json(out / "metrics.json", {
-        "metrics": table.replace({np.nan: None}).to_dict("records"), "n_per_set": n, "notes": notes,
+        "metrics": table.astype(object).where(table.notna(), None).to_dict("records"), "n_per_set": n, "notes": notes,
         "feature_network": net.name, "kid_subset": kid_subset, "is_splits": is_splits,
         "unreadable": {g.name: g.unreadable for g in generated},
         "config": config_to_dict(cfg), "versions": library_versions()})

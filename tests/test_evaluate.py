@@ -140,6 +140,10 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     assert csv.loc[csv["metric"] == "fid", "feature_network"].str.startswith("STAND-IN").all()
     fid = csv[(csv["metric"] == "fid") & (csv["set"] == "fine-tuned")].iloc[0]
     assert fid["ci_low"] <= fid["value"] <= fid["ci_high"] and fid["n_real"] == fid["n_generated"] == saved["n_per_set"]
+    # Counts are whole numbers in both files; blank / null where a metric has no real set.
+    as_text = pd.read_csv(tmp_path / "eval" / "metrics.csv", dtype=str)
+    assert as_text["n_real"].dropna().str.isdigit().all() and as_text["n_real"].isna().any()
+    assert {row["n_real"] for row in saved["metrics"] if row["metric"] == "ms_ssim_within_prompt"} == {None}
     notes = " ".join(saved["notes"])
     assert "biased" in notes and "KID subset size lowered" in notes and "STAND-IN" in notes and "XRV" in notes
     assert saved["versions"]["torchmetrics"]
