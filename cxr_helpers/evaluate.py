@@ -300,16 +300,30 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     return ImageSet(name, tensor, prompts, files, bad)
 
 
+@contextlib.contextmanager
+def full_float32():
+    """No TF32 on a GPU while features are made: cuDNN convolutions use TF32 by default, whose
+    10-bit mantissa moves the features (benchmarks/RESULTS.md, GPU figures) where the reference
+    FID is float32. At ~6 GMAC per image the cost is negligible."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def embed(net: nn.Module, images: torch.Tensor, batch_size: int = 32, desc: str = "features",
           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the network over the images: (pool features, logits) on the CPU, in the
     network's dtype (what torchmetrics would see from its own pass; FID works in float64)."""
     device = next(net.parameters()).device
     pools, logits = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
-        pool, logit = net(images[start:start + batch_size].to(device))
-        pools.append(pool.float().cpu())
-        logits.append(logit.float().cpu())
+    with full_float32():
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+            pool, logit = net(images[start:start + batch_size].to(device))
+            pools.append(pool.float().cpu())
+            logits.append(logit.float().cpu())
     if not pools:
         return torch.zeros(0, net.num_features), torch.zeros(0, 0)
     return torch.cat(pools), torch.cat(logits)
@@ -362,35 +376,38 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + trace_a + trace_b - 2 * cross)
 
 
-def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor, device: str = "cpu") -> float:
+    """device: where torchmetrics does the arithmetic (on a GPU its float64 matrix square root
+    takes a fraction of the CPU's time, which dominates once the network pass is fast)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), normalize=False)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+    fid = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), normalize=False).to(device)
+    fid.update(real.to(device), real=True)
+    fid.update(fake.to(device), real=False)
     return float(fid.compute())
 
 
-def torchmetrics_kid(real: torch.Tensor, fake: torch.Tensor, subset: int, seed: int) -> tuple[float, float]:
+def torchmetrics_kid(real: torch.Tensor, fake: torch.Tensor, subset: int, seed: int,
+                     device: str = "cpu") -> tuple[float, float]:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     with warnings.catch_warnings():  # "will save all extracted features": they are already in memory
         warnings.simplefilter("ignore")
-        kid = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=subset, normalize=False)
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
+        kid = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=subset, normalize=False).to(device)
+    kid.update(real.to(device), real=True)
+    kid.update(fake.to(device), real=False)
     torch.manual_seed(seed)  # KID draws its subsets from torch's global generator
     mean, std = kid.compute()
     return float(mean), float(std)
 
 
-def torchmetrics_is(logits: torch.Tensor, splits: int, seed: int) -> tuple[float, float]:
+def torchmetrics_is(logits: torch.Tensor, splits: int, seed: int, device: str = "cpu") -> tuple[float, float]:
     from torchmetrics.image.inception import InceptionScore
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        score = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits, normalize=False)
-    score.update(logits)
+        score = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits, normalize=False).to(device)
+    score.update(logits.to(device))
     torch.manual_seed(seed)  # IS shuffles before splitting
     mean, std = score.compute()
     return float(mean), float(std)
@@ -594,13 +611,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         base = {"set": name, "n_real": len(real_pool), "n_generated": len(pool), "feature_network": net.name}
         if "fid" in cfg.metrics:
             low, high = bootstrap_fid(real_pool, pool, cfg.bootstrap, cfg.seed) if cfg.bootstrap else (None, None)
-            rows.append({**base, "metric": "fid", "value": torchmetrics_fid(real_pool, pool), "std": None,
+            rows.append({**base, "metric": "fid", "value": torchmetrics_fid(real_pool, pool, device), "std": None,
                          "ci_low": low, "ci_high": high})
         if "kid" in cfg.metrics:
-            mean, std = torchmetrics_kid(real_pool, pool, kid_subset, cfg.seed)
+            mean, std = torchmetrics_kid(real_pool, pool, kid_subset, cfg.seed, device)
             rows.append({**base, "metric": "kid", "value": mean, "std": std, "ci_low": None, "ci_high": None})
         if "is" in cfg.metrics and logits.shape[1] > 0:
-            mean, std = torchmetrics_is(logits, is_splits, cfg.seed)
+            mean, std = torchmetrics_is(logits, is_splits, cfg.seed, device)
             rows.append({**base, "metric": "is", "value": mean, "std": std, "ci_low": None, "ci_high": None})
         if "prdc" in cfg.metrics:
             for metric, value in prdc(real_pool, pool, cfg.prdc_k).items():
@@ -653,7 +670,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
             x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
             for name, image_set, *_ in compared:
                 x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
-                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool), "std": None,
+                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device), "std": None,
                              "ci_low": None, "ci_high": None, "n_real": len(x_real), "n_generated": len(x_pool),
                              "feature_network": xrv_net.name})
 

@@ -154,3 +154,29 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
                              (tmp_path, f"{ev.XRV_WEIGHTS_FILE} are not in")]:
         with pytest.raises(CxrError, match=message):
             ev.evaluate(stage_config(EvalConfig, **base, xrv_weights=str(weights)), progress=False)
+
+
+def test_features_are_made_in_full_float32_not_tf32():
+    """cuDNN allows TF32 convolutions by default on a GPU; the feature pass turns that off and
+    restores the user's setting after."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        num_features = 2
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return images.float().mean((2, 3))[:, :2], images.float().mean((2, 3))
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        pool, _ = ev.embed(Recorder(), torch.zeros(3, 3, 8, 8, dtype=torch.uint8), batch_size=2, progress=False)
+        assert seen == [(False, False), (False, False)] and pool.shape == (3, 2)
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
