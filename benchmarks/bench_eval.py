@@ -6,7 +6,7 @@ The network is torch-fidelity's Inception-v3 with random weights written here (s
 and compute as the FID weights, which are a download): the metric values are meaningless, the
 timing is what is measured, and both ways must give the same values.
 
-    python benchmarks/bench_eval.py [--images 512] [--batch-size 32] [--repeats 2]
+    python benchmarks/bench_eval.py [--images 512] [--batch-size 32] [--repeats 2] [--device cuda]
 
 The speedup has two factors, both printed: passes (5 per image pair for the three objects - FID
 and KID each embed both sets, IS the generated one - against 2) and the cost of one pass (the
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="per set")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each way, alternating")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -57,7 +58,9 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
     print(f"network: torch-fidelity Inception-v3, random weights, {counter.get_total_flops() / 1e9:.1f} GFLOP per "
-          f"image (2 per multiply-add); torch {torch.__version__}, threads {torch.get_num_threads()}, cores {os.cpu_count()}")
+          f"image (2 per multiply-add); torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
+             f", threads {torch.get_num_threads()}, cores {os.cpu_count()}"))
     real, fake = films(args.images, 1), films(args.images, 2)
     subset = min(1000, args.images)
     batches = range(0, args.images, args.batch_size)
@@ -70,22 +73,33 @@ def main() -> None:
                                                                  antialias=False), subset_size=subset)
         score = InceptionScore(feature=NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], weights,
                                                           antialias=False))
-        for start in batches:
-            for metric in (fid, kid):
-                metric.update(real[start:start + args.batch_size], real=True)
-                metric.update(fake[start:start + args.batch_size], real=False)
-            score.update(fake[start:start + args.batch_size])
+        for metric in (fid, kid, score):
+            metric.to(args.device)
+        # float32 convolutions, as the project's pass (on a GPU cuDNN would use TF32 otherwise:
+        # benchmarks/gpu_feature_precision.py measures that apart).
+        with ev.full_float32():
+            update_all(fid, kid, score)
         torch.manual_seed(0)
         kid_value = kid.compute()
         torch.manual_seed(0)
         return float(fid.compute()), float(kid_value[0]), float(score.compute()[0])
 
+    def update_all(fid, kid, score):
+        for start in batches:
+            real_batch = real[start:start + args.batch_size].to(args.device)
+            fake_batch = fake[start:start + args.batch_size].to(args.device)
+            for metric in (fid, kid):
+                metric.update(real_batch, real=True)
+                metric.update(fake_batch, real=False)
+            score.update(fake_batch)
+
     def shared():
-        shared_net = ev.InceptionFeatures(weights)
+        shared_net = ev.InceptionFeatures(weights).to(args.device)
         real_pool, _ = ev.embed(shared_net, real, args.batch_size, progress=False)
         fake_pool, fake_logits = ev.embed(shared_net, fake, args.batch_size, progress=False)
-        return (ev.torchmetrics_fid(real_pool, fake_pool), ev.torchmetrics_kid(real_pool, fake_pool, subset, 0)[0],
-                ev.torchmetrics_is(fake_logits, 10, 0)[0])
+        return (ev.torchmetrics_fid(real_pool, fake_pool, args.device),
+                ev.torchmetrics_kid(real_pool, fake_pool, subset, 0, args.device)[0],
+                ev.torchmetrics_is(fake_logits, 10, 0, args.device)[0])
 
     times: dict[str, list[float]] = {}
     results = {}

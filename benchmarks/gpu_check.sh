@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The project's one GPU check, under 8 minutes on one card: the training-loop comparison of
-# bench_train.py (project loop on cached latents vs the diffusers-reference loop that encodes
-# every step) in fp16 at batch 4, 16 and 64, printing images/s, peak GPU memory and the
-# fraction of the card's fp16 peak FLOP rate reached; then bench_sample.py's comparison (batched
-# DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16.
+# The project's one GPU check, under 10 minutes on one card:
+#  1. bench_eval.py on the GPU (shared Inception pass vs torchmetrics' three objects, 2 x 512);
+#  2. gpu_feature_precision.py: how far cuDNN's default TF32 moves the features and the FID;
+#  3. the real-feature-network tests on the GPU (evaluate moves its networks there);
+#  4. bench_train.py (project loop on cached latents vs the diffusers-reference loop that encodes
+#     every step) in fp16 at batch 4, 16 and 64: images/s, peak GPU memory, fraction of fp16 peak;
+#  5. bench_sample.py (batched DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16.
 #
-# The GPU image lacks diffusers and friends: carry them as wheels in .whl/ (see the device
-# tool's README), e.g. diffusers peft accelerate transformers tokenizers safetensors
-# huggingface_hub pandas; this script installs whatever .whl/ holds.
+# The GPU image lacks diffusers, torch-fidelity (and may hold an older peft): carry them as
+# wheels in .whl/ (see the device tool's README); this script installs whatever .whl/ holds.
 # Usage (repo root): bash benchmarks/gpu_check.sh   -> also writes $OUT/gpu_check.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,18 @@ LOG=${OUT:-.}/gpu_check.log
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$LOG"
+echo "== eval: shared pass vs three torchmetrics objects, 2 x 512" | tee -a "$LOG"
+timeout 120 python3 benchmarks/bench_eval.py --device cuda --images 512 --batch-size 64 --repeats 3 2>&1 \
+  | grep -v Warning | tee -a "$LOG"
+echo "== eval: TF32 vs float32 features" | tee -a "$LOG"
+timeout 60 python3 benchmarks/gpu_feature_precision.py --images 512 2>&1 | grep -v Warning | tee -a "$LOG"
+echo "== tests/test_feature_networks.py on the GPU" | tee -a "$LOG"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_feature_networks.py 2>&1 | tail -3 | tee -a "$LOG"
 for batch in 4 16 64; do
   echo "== train loop, fp16, batch $batch" | tee -a "$LOG"
-  timeout 140 python3 benchmarks/bench_train.py --device cuda --precision fp16 --batch-size "$batch" \
+  timeout 90 python3 benchmarks/bench_train.py --device cuda --precision fp16 --batch-size "$batch" \
     --steps 8 --rounds 2 --images 64 2>&1 | grep -v Warning | tee -a "$LOG"
 done
 echo "== sampling, fp16, batch 16 vs one per call" | tee -a "$LOG"
-timeout 120 python3 benchmarks/bench_sample.py --device cuda --precision fp16 --batch-size 16 \
+timeout 90 python3 benchmarks/bench_sample.py --device cuda --precision fp16 --batch-size 16 \
   --reference-images 4 --rounds 2 2>&1 | grep -v Warning | tee -a "$LOG"
