@@ -134,7 +134,7 @@ EVAL_HELP = {
     "data_dir": "the dataset folder the pairs point into (default on Kaggle: the mount)",
     "generated": "sample folders (with metadata.csv): DIR or NAME=DIR, e.g. base=OUT/base fine-tuned=OUT/tuned",
     "out": "output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/",
-    "metrics": "any of fid kid is prdc diversity audit xrv (default: all)",
+    "metrics": "any of fid kid is prdc diversity audit xrv, space- or comma-separated (default: all)",
     "feature_net": "inception (default) or standin (a labelled offline stand-in, for tests)",
     "feature_weights": "local Inception FID weights (weights-inception-2015-12-05-6726825d.pth) when offline",
     "xrv_weights": "torchxrayvision densenet121-res224-all weights: a .safetensors state dict, or a folder "

@@ -16,7 +16,7 @@ import hashlib
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,7 @@ class InceptionFeatures(nn.Module):
         extractor = _inception_class()
         path = resolve_inception_weights(weights)
         if path is not None:
-            check_state_dict_file(path, "--feature-weights")
+            check_state_dict_file(path)
         try:
             self.net = extractor("inception-v3-compat", ["2048", "logits_unbiased"],
                                  feature_extractor_weights_path=str(path) if path else None)
@@ -122,15 +122,15 @@ class InceptionFeatures(nn.Module):
         return pool.reshape(len(images), -1), logits.reshape(len(images), -1)
 
 
-def check_state_dict_file(path: Path, option: str) -> None:
+def check_state_dict_file(path: Path) -> None:
     """Refuse a weights file that is more than tensors: torch-fidelity unpickles it next
     (weights_only=False), so first read it with torch's tensors-only loader."""
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CxrError(f"{option} {path} is not a plain PyTorch state dict ({exc.__class__.__name__}: "
-                       f"{str(exc).splitlines()[0][:100]}); not unpickling it: use the file from "
-                       "the official release") from None
+    except Exception:  # torch's own message is a page about weights_only: not the user's problem
+        raise CxrError(f"--feature-weights {path} is not a plain PyTorch state dict (torch's tensors-only loader "
+                       f"refused it); not unpickling it: use the file from the official release, "
+                       f"{INCEPTION_WEIGHTS_URL}") from None
 
 
 def resolve_inception_weights(weights: str | Path | None) -> Path | None:
@@ -549,6 +549,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     from . import plots
     from .data import resolve_data_dir
 
+    # "fid,kid" and "fid kid" alike (the CLI takes a list; users also write it comma-separated).
+    cfg = replace(cfg, metrics=tuple(m.strip() for item in cfg.metrics for m in item.split(",") if m.strip()))
     unknown = sorted(set(cfg.metrics) - set(METRICS))
     if unknown:
         raise CxrError(f"--metrics {', '.join(unknown)} not known; choose from {', '.join(METRICS)}")

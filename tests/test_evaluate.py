@@ -189,3 +189,11 @@ def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", [str(broken)], metrics=("fid", "kid")), progress=False)
     assert "broken: 1 unreadable image(s) skipped" in result.notes
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["unreadable"] == {"broken": 1}
+
+
+def test_metrics_may_be_written_comma_separated(pairs_csv, synth_dir, generated, tmp_path):
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"gen={generated}"], metrics=("fid,kid",),
+                                real_floor=False), progress=False)
+    assert set(result.table["metric"]) == {"fid", "kid"}
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["config"]["metrics"] == ["fid", "kid"]
