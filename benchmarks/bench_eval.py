@@ -36,7 +36,7 @@ def films(n: int, seed: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, i])
         report = draw_report(i, rng)
         out.append(render(report.findings, "Frontal" if i % 2 else "Lateral", draw_patient(rng), 128, 128, rng))
-    return torch.from_numpy(np.stack(out)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return ev.gray_to_rgb_tensor(out, 128)
 
 
 def main() -> None:
@@ -78,20 +78,17 @@ def main() -> None:
         # float32 convolutions, as the project's pass (on a GPU cuDNN would use TF32 otherwise:
         # benchmarks/gpu_feature_precision.py measures that apart).
         with ev.full_float32():
-            update_all(fid, kid, score)
+            for start in batches:
+                real_batch = real[start:start + args.batch_size].to(args.device)
+                fake_batch = fake[start:start + args.batch_size].to(args.device)
+                for metric in (fid, kid):
+                    metric.update(real_batch, real=True)
+                    metric.update(fake_batch, real=False)
+                score.update(fake_batch)
         torch.manual_seed(0)
         kid_value = kid.compute()
         torch.manual_seed(0)
         return float(fid.compute()), float(kid_value[0]), float(score.compute()[0])
-
-    def update_all(fid, kid, score):
-        for start in batches:
-            real_batch = real[start:start + args.batch_size].to(args.device)
-            fake_batch = fake[start:start + args.batch_size].to(args.device)
-            for metric in (fid, kid):
-                metric.update(real_batch, real=True)
-                metric.update(fake_batch, real=False)
-            score.update(fake_batch)
 
     def shared():
         shared_net = ev.InceptionFeatures(weights).to(args.device)

@@ -204,19 +204,16 @@ PRESETS: dict[str, Preset] = {
         model="",
         stages=_SMOKE_STAGES,
     ),
+    # Kaggle's two GPU offers share the training settings; only how they are launched differs.
     "kaggle-t4x2": Preset(
         name="kaggle-t4x2",
         description="Kaggle's T4 x2 (fp16, no bf16): `accelerate launch --num_processes 2`, batch 16 per GPU",
-        offline=False,
-        model=SD15_MODEL_ID,
-        stages={"train": _KAGGLE_TRAIN},
+        offline=False, model=SD15_MODEL_ID, stages={"train": _KAGGLE_TRAIN},
     ),
     "kaggle-p100": Preset(
         name="kaggle-p100",
         description="Kaggle's P100 (fp16, no bf16, no tensor cores); needs a torch built with sm_60",
-        offline=False,
-        model=SD15_MODEL_ID,
-        stages={"train": _KAGGLE_TRAIN},
+        offline=False, model=SD15_MODEL_ID, stages={"train": _KAGGLE_TRAIN},
     ),
     "sd15": Preset(
         name="sd15",

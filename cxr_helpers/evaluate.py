@@ -260,18 +260,23 @@ class ImageSet:
     unreadable: int = 0
 
 
-def real_set(cfg: EvalConfig, split: str, data_dir: Path, name: str) -> ImageSet:
+def gray_to_rgb_tensor(images: list[np.ndarray], resolution: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 from N grayscale arrays: the channel repeated, as FID networks want RGB."""
+    if not images:
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def real_set(cfg: EvalConfig, split: str, data_dir: Path, cache_dir: Path, name: str) -> ImageSet:
     """The split's images, resized and cached exactly as for training, as uint8 3-channel."""
     from .data import ChestXrayDataset, load_pairs
 
     pairs = load_pairs(cfg.pairs, split)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
-    dataset = ChestXrayDataset(pairs, data_dir, cfg.resolution, cache_dir=cache / "images", fit=cfg.fit)
+    dataset = ChestXrayDataset(pairs, data_dir, cfg.resolution, cache_dir=cache_dir / "images", fit=cfg.fit)
     dataset.warm_cache(progress=False)
     images = [np.asarray(dataset.load_image(i), dtype=np.uint8) for i in range(len(dataset))]
-    tensor = torch.from_numpy(np.stack(images)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous() if images else \
-        torch.zeros(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8)
-    return ImageSet(name, tensor, pairs["prompt"].tolist(), pairs["filename"].tolist())
+    return ImageSet(name, gray_to_rgb_tensor(images, cfg.resolution), pairs["prompt"].tolist(),
+                    pairs["filename"].tolist())
 
 
 def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
@@ -295,9 +300,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
             continue
         prompts.append(row.prompt)
         files.append(row.file)
-    tensor = torch.from_numpy(np.stack(images)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous() if images else \
-        torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-    return ImageSet(name, tensor, prompts, files, bad)
+    return ImageSet(name, gray_to_rgb_tensor(images, resolution), prompts, files, bad)
 
 
 @contextlib.contextmanager
@@ -568,11 +571,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         if len(g.images) < 2:
             raise CxrError(f"generated set {g.name} has {len(g.images)} readable image(s); at least 2 are needed "
                            "(FID estimates a covariance), and about 2,048 for an unbiased FID")
-    real = real_set(cfg, "test", data_dir, "real test")
+    real = real_set(cfg, "test", data_dir, cache_dir, "real test")
     if len(real.images) < 2:
         raise CxrError(f"the test split of {cfg.pairs} has {len(real.images)} image(s); at least 2 are needed; "
                        "re-run prepare with a larger --test-fraction")
-    train = real_set(cfg, "train", data_dir, "real train") if (cfg.real_floor or "audit" in cfg.metrics) else None
+    train = real_set(cfg, "train", data_dir, cache_dir, "real train") if (cfg.real_floor or "audit" in cfg.metrics) else None
 
     # One N for every set compared (FID's bias depends on N).
     n = min([len(real.images)] + [len(g.images) for g in generated] + ([cfg.n] if cfg.n else []))
@@ -613,17 +616,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         base = {"set": name, "n_real": len(real_pool), "n_generated": len(pool), "feature_network": net.name}
         if "fid" in cfg.metrics:
             low, high = bootstrap_fid(real_pool, pool, cfg.bootstrap, cfg.seed) if cfg.bootstrap else (None, None)
-            rows.append({**base, "metric": "fid", "value": torchmetrics_fid(real_pool, pool, device), "std": None,
+            rows.append({**base, "metric": "fid", "value": torchmetrics_fid(real_pool, pool, device),
                          "ci_low": low, "ci_high": high})
         if "kid" in cfg.metrics:
             mean, std = torchmetrics_kid(real_pool, pool, kid_subset, cfg.seed, device)
-            rows.append({**base, "metric": "kid", "value": mean, "std": std, "ci_low": None, "ci_high": None})
+            rows.append({**base, "metric": "kid", "value": mean, "std": std})
         if "is" in cfg.metrics and logits.shape[1] > 0:
             mean, std = torchmetrics_is(logits, is_splits, cfg.seed, device)
-            rows.append({**base, "metric": "is", "value": mean, "std": std, "ci_low": None, "ci_high": None})
+            rows.append({**base, "metric": "is", "value": mean, "std": std})
         if "prdc" in cfg.metrics:
             for metric, value in prdc(real_pool, pool, cfg.prdc_k).items():
-                rows.append({**base, "metric": metric, "value": value, "std": None, "ci_low": None, "ci_high": None})
+                rows.append({**base, "metric": metric, "value": value})
     diversity_table = pd.DataFrame(columns=["set", "prompt", "images", "ms_ssim"])
     if "diversity" in cfg.metrics:
         parts = []
@@ -633,8 +636,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
             parts.append(table)
             if len(table):
                 rows.append({"set": name, "metric": "ms_ssim_within_prompt", "value": float(table["ms_ssim"].mean()),
-                             "std": float(table["ms_ssim"].std()) if len(table) > 1 else None, "ci_low": None,
-                             "ci_high": None, "n_real": None, "n_generated": int(table["images"].sum()),
+                             "std": float(table["ms_ssim"].std()) if len(table) > 1 else None,
+                             "n_generated": int(table["images"].sum()),
                              "feature_network": "pixels (MS-SSIM, 7 px window, 5 scales)"})
             else:
                 notes.append(f"{name}: no prompt has 2+ images; sample with --n-per-prompt 2 or more for diversity")
@@ -651,9 +654,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
                           cfg.audit_cosine_threshold)
             table.insert(0, "set", name)
             parts.append(table)
-            rows.append({"set": name, "metric": "audit_flagged", "value": int(table["flagged"].sum()), "std": None,
-                         "ci_low": None, "ci_high": None, "n_real": len(reference.images),
-                         "n_generated": len(table), "feature_network": net.name})
+            rows.append({"set": name, "metric": "audit_flagged", "value": int(table["flagged"].sum()),
+                         "n_real": len(reference.images), "n_generated": len(table), "feature_network": net.name})
         audit_table = pd.concat(parts, ignore_index=True)
     if "xrv" in cfg.metrics:
         try:
@@ -672,10 +674,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
             x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
             for name, image_set, *_ in compared:
                 x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
-                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device), "std": None,
-                             "ci_low": None, "ci_high": None, "n_real": len(x_real), "n_generated": len(x_pool),
-                             "feature_network": xrv_net.name})
+                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device),
+                             "n_real": len(x_real), "n_generated": len(x_pool), "feature_network": xrv_net.name})
 
+    # Keys a row leaves out (std, interval, n_real) are blank in the table.
     table = pd.DataFrame(rows, columns=["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated",
                                         "feature_network"])
     table["n_real"] = table["n_real"].astype("Int64")  # blank where no real set, never "24.0"

@@ -198,23 +198,32 @@ def tiny_unet_config() -> dict:
     )
 
 
-def tiny_vae_config() -> dict:
-    """Four resolution levels like SD1.5's VAE, so the scale factor is 8 (128 px -> 16 x 16)."""
+def vae_config(widths: tuple[int, ...], layers_per_block: int, sample_size: int, **extra) -> dict:
+    """SD1.5's VAE layout: four resolution levels, so the scale factor is 8 (128 px -> 16 x 16)."""
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=widths, **extra,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=128, scaling_factor=SD15_LATENT_SCALE,
+        sample_size=sample_size, scaling_factor=SD15_LATENT_SCALE,
     )
+
+
+def clip_text_config(width: int, intermediate: int, heads: int, layers: int) -> dict:
+    """SD1.5's CLIP text tower: its vocabulary, 77 positions and special token ids, any size."""
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_TOKENS, hidden_size=width,
+        intermediate_size=intermediate, num_attention_heads=heads, num_hidden_layers=layers, hidden_act="quick_gelu",
+        projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+
+
+def tiny_vae_config() -> dict:
+    return vae_config((16, 16, 32, 32), layers_per_block=1, sample_size=128, norm_num_groups=8)
 
 
 def tiny_text_config() -> dict:
-    """CLIP text tower with SD1.5's vocabulary and 77 positions, 32 wide and 2 layers deep."""
-    return dict(
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_TOKENS, hidden_size=32,
-        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, hidden_act="quick_gelu",
-        projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
+    """32 wide and 2 layers deep."""
+    return clip_text_config(32, 37, heads=4, layers=2)
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -321,20 +330,11 @@ def sd15_unet_config() -> dict:
 
 
 def sd15_vae_config() -> dict:
-    return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512, scaling_factor=SD15_LATENT_SCALE,
-    )
+    return vae_config((128, 256, 512, 512), layers_per_block=2, sample_size=512)
 
 
 def sd15_text_config() -> dict:
-    return dict(
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_TOKENS, hidden_size=768,
-        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
+    return clip_text_config(768, 3072, heads=12, layers=12)
 
 
 def sd15_shaped_parts(seed: int = 0, device: str = "cpu", dtype=None):
