@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dataclasses
 
-from .config import (PRESETS, SD15_MODEL_ID, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
+from .config import (PRESET_CHOICES, SD15_MODEL_ID, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
                      TinyModelConfig, TrainConfig, stage_config)
 from .errors import CxrError
 
@@ -76,7 +76,7 @@ def _add_config_options(parser, cls, help_text, required=()):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        extra = {"help": help_text.get(f.name, "")}
+        extra = {"help": help_text.get(f.name, "").replace("%", "%%")}  # argparse formats help with %
         if f.name in required:
             extra["required"] = True
         if kind.startswith("bool"):
@@ -168,7 +168,14 @@ def _kaggle(args) -> None:
             print(f"wrote {folder}")
         print(f"next: python -m cxr_helpers kaggle push --dir {args.out} [--dry-run]")
     else:
-        kaggle.push(args.dir, dry_run=args.dry_run)
+        kaggle.push(args.dir, dry_run=args.dry_run, wait=not args.no_wait, only=args.only,
+                    timeout_s=args.timeout_hours * 3600)
+
+
+def _check_gpu(args) -> None:
+    from .gpu import check_gpu
+
+    print(check_gpu(fix=args.fix))
 
 
 def _run_notebooks(args) -> None:
@@ -205,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N listed images (sorted by uid)")
     p.add_argument("--clean-prompts", action="store_true", help="strip XXXX marks, list numbers, stray punctuation")
     p.add_argument("--workers", type=int, help="threads for the image checks (default 8)")
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--preset", choices=PRESET_CHOICES)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("synth", help="a synthetic dataset in the exact Kaggle layout (offline demo data)")
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="typical long side of the PNGs in px (default 512)")
     p.add_argument("--broken-images", type=int, help="listed images made missing/unreadable (default 2)")
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--preset", choices=PRESET_CHOICES)
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("tiny-model", help="a tiny SD-shaped diffusers pipeline with random weights")
@@ -225,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tuning on cached latents (accelerate launch -m cxr_helpers train for multi-GPU)")
     _add_config_options(p, TrainConfig, TRAIN_HELP)
     p.add_argument("--config-file", help="a saved train config (JSON) to start from")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="hardware profile: kaggle-t4x2, kaggle-p100, cpu-smoke")
+    p.add_argument("--preset", choices=PRESET_CHOICES, help="profile: gpu-2x16gb, gpu-1x16gb, smoke, sd15, or auto")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="seeded, batched generation with the base model + LoRA")
@@ -260,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit")
     _add_config_options(p, EvalConfig, EVAL_HELP)
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--preset", choices=PRESET_CHOICES)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("kaggle", help="render the Kaggle kernels + helpers dataset, or push them")
@@ -268,16 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = kaggle_sub.add_parser("build", help="one folder per notebook (kernel-metadata.json) + the helpers dataset")
     b.add_argument("--out", required=True)
     b.add_argument("--owner", help="your Kaggle user name (default: the manifest's)")
-    b.add_argument("--accelerator", choices=["p100", "t4x2"], help="GPU of notebooks 02-04 (default: the manifest's)")
+    b.add_argument("--accelerator", help="GPU of notebooks 02-04: t4x2 (default: the manifest's)")
     b.set_defaults(func=_kaggle)
     q = kaggle_sub.add_parser("push", help="kaggle datasets version/create, then kernels push, in order")
     q.add_argument("--dir", required=True, help="a folder written by kaggle build")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    q.add_argument("--no-wait", action="store_true",
+                   help="push every kernel at once (default: wait for the dataset, and for 02 before 03 and 04)")
+    q.add_argument("--only", nargs="+", metavar="PREFIX", help="push only these notebooks, e.g. --only 03 04")
+    q.add_argument("--timeout-hours", type=float, default=12.0, help="give up waiting after this long (default 12)")
     q.set_defaults(func=_kaggle)
+
+    p = sub.add_parser("check-gpu", help="can the installed torch drive this GPU? (--fix installs the build that can)")
+    p.add_argument("--fix", action="store_true", help="on an old card (e.g. a P100), install torch built for CUDA 12.6")
+    p.set_defaults(func=_check_gpu)
 
     p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
     p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")
-    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS) + ["auto"])
+    p.add_argument("--preset", default="smoke", choices=PRESET_CHOICES)
     p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default ./notebooks)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01")

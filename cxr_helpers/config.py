@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
-from .io import library_versions, read_json, write_json
+from .io import library_versions, on_kaggle, read_json, write_json
 
-SD15_MODEL_ID = "runwayml/stable-diffusion-v1-5"
+# The maintained copy of SD1.5 (same files and licence), the id diffusers' own docs use.
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Deleted from the hub in 2024; the seed and most tutorials still name it.
+RETIRED_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": SD15_MODEL_ID}
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
 
 
@@ -182,7 +185,8 @@ _SMOKE_STAGES = {
     "evaluate": {"feature_net": "standin", "bootstrap": 50, "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
-_KAGGLE_TRAIN = dict(
+# fp16 because neither Kaggle's T4 nor older 16 GB cards (P100, V100) have bf16.
+_GPU16_TRAIN = dict(
     batch_size=16, max_steps=3000, learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=100,
     mixed_precision="fp16", checkpoint_every=250, keep_checkpoints=2, validation_every=500,
     snr_gamma=5.0, random_flip=False, rank=8,
@@ -197,43 +201,55 @@ PRESETS: dict[str, Preset] = {
         model="",
         stages=_SMOKE_STAGES,
     ),
-    "cpu-smoke": Preset(
-        name="cpu-smoke",
-        description="the smoke preset's offline inputs with a few CPU training steps",
-        offline=True,
-        model="",
-        stages=_SMOKE_STAGES,
+    # The two GPU profiles share the training settings; only how they are launched differs.
+    "gpu-2x16gb": Preset(
+        name="gpu-2x16gb",
+        description="two 16 GB GPUs (Kaggle's T4 x2): `accelerate launch --num_processes 2`, fp16, batch 16 per GPU",
+        offline=False, model=SD15_MODEL_ID, stages={"train": _GPU16_TRAIN},
     ),
-    # Kaggle's two GPU offers share the training settings; only how they are launched differs.
-    "kaggle-t4x2": Preset(
-        name="kaggle-t4x2",
-        description="Kaggle's T4 x2 (fp16, no bf16): `accelerate launch --num_processes 2`, batch 16 per GPU",
-        offline=False, model=SD15_MODEL_ID, stages={"train": _KAGGLE_TRAIN},
-    ),
-    "kaggle-p100": Preset(
-        name="kaggle-p100",
-        description="Kaggle's P100 (fp16, no bf16, no tensor cores); needs a torch built with sm_60",
-        offline=False, model=SD15_MODEL_ID, stages={"train": _KAGGLE_TRAIN},
+    "gpu-1x16gb": Preset(
+        name="gpu-1x16gb",
+        description="one 16 GB GPU (a T4, V100, P100...): fp16, batch 16",
+        offline=False, model=SD15_MODEL_ID, stages={"train": _GPU16_TRAIN},
     ),
     "sd15": Preset(
         name="sd15",
-        description="the real thing: the Kaggle IU X-ray data and Stable Diffusion v1.5",
+        description="the real thing: the Kaggle IU X-ray data and Stable Diffusion v1.5, default settings",
         offline=False,
         model=SD15_MODEL_ID,
         stages={},
     ),
 }
+# Earlier names, still accepted: the presets were once named after Kaggle's cards.
+PRESET_ALIASES = {"kaggle-t4x2": "gpu-2x16gb", "kaggle-p100": "gpu-1x16gb", "cpu-smoke": "smoke"}
+AUTO = "auto"  # the notebooks' default: see auto_preset()
+PRESET_CHOICES = sorted(PRESETS) + sorted(PRESET_ALIASES) + [AUTO]
+
+
+def auto_preset() -> str:
+    """On Kaggle the profile for the GPUs present (two cards, one card, none: sd15 with its
+    defaults); anywhere else the offline demo."""
+    if not on_kaggle():
+        return "smoke"
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "gpu-2x16gb" if count >= 2 else "gpu-1x16gb" if count == 1 else "sd15"
+
 
 C = TypeVar("C")
 
 
+def preset_name(name: str) -> str:
+    """The real preset a name stands for: `auto` resolved, old names mapped."""
+    name = auto_preset() if name == AUTO else PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise CxrError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}, or auto")
+    return name
+
+
 def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise CxrError(
-            f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}"
-        ) from None
+    return PRESETS[preset_name(name)]
 
 
 def stage_config(cls: type[C], preset: str | None = None, **overrides: Any) -> C:

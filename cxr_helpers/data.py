@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import PrepareConfig, save_config
 from .errors import CxrError
-from .io import KAGGLE_DATA_DIR, KAGGLE_INPUT, atomic_path, on_kaggle, write_csv, write_json
+from .io import KAGGLE_DATASET_SLUG, atomic_path, kaggle_input, on_kaggle, write_csv, write_json
 
 REPORTS_CSV = "indiana_reports.csv"
 PROJECTIONS_CSV = "indiana_projections.csv"
@@ -42,12 +42,22 @@ _PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
 # ---------------------------------------------------------------- reading --------------------
 
 def default_data_dir() -> Path | None:
-    """The Kaggle mount of the dataset when running on Kaggle (wherever it was attached)."""
-    if KAGGLE_DATA_DIR.is_dir():
-        return KAGGLE_DATA_DIR
-    if on_kaggle() and KAGGLE_INPUT.is_dir():
-        for found in sorted(KAGGLE_INPUT.glob("**/" + REPORTS_CSV)):
-            return found.parent
+    """The Kaggle mount of the dataset when running on Kaggle, wherever it was attached.
+
+    Kaggle has changed how deep it mounts inputs, so the dataset is searched for: first a folder
+    named after the dataset, then any folder in its layout that is not a synthetic export (an
+    attached notebook output can hold one).
+    """
+    root = kaggle_input()
+    if not root.is_dir():
+        return None
+    named = sorted(root.glob(f"**/{KAGGLE_DATASET_SLUG}/{REPORTS_CSV}"))
+    if named:
+        return named[0].parent
+    if on_kaggle():
+        for found in sorted(root.glob("**/" + REPORTS_CSV), key=lambda p: (len(p.parts), str(p))):
+            if (found.parent / "images").is_dir() and not (found.parent / "synthetic_manifest.json").is_file():
+                return found.parent
     return None
 
 

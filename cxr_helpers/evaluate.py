@@ -594,6 +594,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
 
     net = feature_net or load_feature_net(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        from .gpu import check_cuda
+
+        check_cuda("the evaluation")
     net.to(device)
     if isinstance(net, StandInFeatures):
         notes.append(f"features: {STANDIN_NAME}")

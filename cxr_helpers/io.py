@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 KAGGLE_DATASET = "raddar/chest-xrays-indiana-university"
-KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_DATA_DIR = KAGGLE_INPUT / "chest-xrays-indiana-university"
-KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_DATASET_SLUG = KAGGLE_DATASET.split("/")[1]
+# Kaggle's file system lives under /kaggle; CXR_KAGGLE_ROOT moves it (the offline rehearsal of a
+# Kaggle session in the tests lays one out in a temporary folder).
+KAGGLE_ROOT_ENV = "CXR_KAGGLE_ROOT"
 
 # Libraries whose versions are written beside every artifact.
 TRACKED_PACKAGES = (
@@ -28,6 +29,48 @@ def on_kaggle() -> bool:
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
 
 
+def kaggle_root() -> Path:
+    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
+
+
+def kaggle_input() -> Path:
+    """Where Kaggle mounts the attached datasets and earlier notebooks' outputs (read-only)."""
+    return kaggle_root() / "input"
+
+
+def kaggle_working() -> Path:
+    """The session's output folder: what Kaggle saves as the notebook's output."""
+    return kaggle_root() / "working"
+
+
+def offline() -> bool:
+    """CXR_OFFLINE=1 (or HF_HUB_OFFLINE=1): never open a connection, treat every host as unreachable."""
+    return any(os.environ.get(name, "0").lower() in ("1", "true", "yes") for name in ("CXR_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def cache_root(out: str | os.PathLike) -> Path:
+    """The one cache of resized images, latents and features for an output folder.
+
+    On Kaggle it sits outside /kaggle/working, so the published output holds results only
+    (thousands of cache PNGs would otherwise land there); elsewhere it is OUT/cache.
+    """
+    if os.environ.get("CXR_CACHE_DIR"):
+        return Path(os.environ["CXR_CACHE_DIR"])
+    if on_kaggle():
+        return Path(tempfile.gettempdir()) / "cxr-lora-cache"
+    return Path(out) / "cache"
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# mkstemp creates files 0600 whatever the umask; outputs get the mode any other file would get.
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -37,6 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -77,6 +121,9 @@ def read_user_json(path: str | os.PathLike, what: str, missing_hint: str) -> Any
 def can_reach(host: str, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to host:443 opens (offline it fails fast, unlike client retries)."""
     import socket
+
+    if offline():
+        return False
 
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -1,8 +1,8 @@
 """Kaggle: one manifest (kaggle-metadata.json) -> one kernel folder per notebook plus one
 dataset folder carrying the helper package as a wheel; and the push through the official CLI.
 
-    python -m cxr_helpers kaggle build --out DIR [--owner USER] [--accelerator p100|t4x2]
-    python -m cxr_helpers kaggle push --dir DIR [--dry-run]
+    python -m cxr_helpers kaggle build --out DIR [--owner USER] [--accelerator t4x2]
+    python -m cxr_helpers kaggle push --dir DIR [--dry-run] [--no-wait] [--only 03 04]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import CxrError
@@ -23,7 +24,10 @@ from .io import read_user_json, write_json
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "kaggle-metadata.json"
 OWNER_PLACEHOLDER = "YOUR_KAGGLE_USERNAME"
-MACHINE_SHAPES = {"p100": "NvidiaTeslaP100", "t4x2": "NvidiaTeslaT4"}
+MACHINE_SHAPES = {"t4x2": "NvidiaTeslaT4"}  # Kaggle's "GPU T4 x2"
+# Shapes Kaggle retired, with its own words (the official CLI's _RETIRED_ACCELERATORS): a push that
+# asks for one still runs, on another card, so it is refused here rather than mislabelled.
+RETIRED_SHAPES = {"p100": ("NvidiaTeslaP100", "Sessions run on the default GPU (NvidiaTeslaT4) instead.")}
 KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_tpu",
                  "enable_internet", "dataset_sources", "competition_sources", "kernel_sources", "model_sources")
 HELPERS_DIR = "helpers-dataset"
@@ -31,15 +35,17 @@ INSTALL_CELL_TAG = "install-helpers"
 
 # The first code cell of every published notebook: installs the helpers (no sys.path hacks).
 INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this checkout.
+# Then, before torch is imported, check that it can drive this GPU (an older card gets the CUDA 12.6 build of torch).
 import importlib.util, os, subprocess, sys
 from pathlib import Path
 if importlib.util.find_spec("cxr_helpers") is None:
-    wheels = sorted(Path(os.environ.get("CXR_KAGGLE_INPUT", "/kaggle/input")).glob("**/cxr_lora-*.whl"))
+    wheels = sorted((Path(os.environ.get("CXR_KAGGLE_ROOT") or "/kaggle") / "input").glob("**/cxr_lora-*.whl"))
     checkout = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
     if not wheels and checkout is None:
         raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) or run from the repository")
     target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)  # [kaggle]: torch-fidelity + torchxrayvision (FID networks)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)'''
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)
+subprocess.run([sys.executable, "-m", "cxr_helpers", "check-gpu", "--fix"], check=True)'''
 
 
 def slugify(title: str) -> str:
@@ -144,9 +150,13 @@ def build(out: str | Path, owner: str | None = None, accelerator: str | None = N
     owner = owner or manifest["owner"]
     if not re.fullmatch(r"[A-Za-z0-9_-]+", owner or ""):
         raise CxrError(f"--owner {owner!r} is not a Kaggle user name (letters, digits, - and _)")
-    accelerator = accelerator or manifest.get("accelerator", "p100")
+    accelerator = accelerator or manifest.get("accelerator", "t4x2")
+    if accelerator in RETIRED_SHAPES:
+        shape, instead = RETIRED_SHAPES[accelerator]
+        raise CxrError(f"accelerator {accelerator!r} asks for {shape}, which Kaggle has retired ({instead}); "
+                       f"use t4x2 (\"accelerator\" in {MANIFEST}, or --accelerator t4x2)")
     if accelerator not in MACHINE_SHAPES:
-        raise CxrError(f"--accelerator {accelerator!r} is not known; use p100 or t4x2")
+        raise CxrError(f"--accelerator {accelerator!r} is not known; use {', '.join(MACHINE_SHAPES)}")
     out = Path(out)
     folders = []
     helpers = out / HELPERS_DIR
@@ -180,9 +190,7 @@ def credentials_present() -> bool:
     return any((f / name).is_file() for f in folders for name in ("kaggle.json", "access_token"))
 
 
-def push_commands(build_dir: str | Path) -> list[list[str]]:
-    """The kaggle CLI calls, in order: the helpers dataset (version, or create when new), then
-    every kernel in notebook order."""
+def read_build(build_dir: str | Path) -> dict:
     build_dir = Path(build_dir)
     info_path = build_dir / "build.json"
     if not info_path.is_file():
@@ -190,23 +198,103 @@ def push_commands(build_dir: str | Path) -> list[list[str]]:
     info = json.loads(info_path.read_text())
     if info["owner"] == OWNER_PLACEHOLDER:
         raise CxrError(f"the build in {build_dir} has the placeholder owner; rebuild with --owner YOUR_KAGGLE_USERNAME")
+    return info
+
+
+def kernel_folders(build_dir: Path, info: dict, only: list[str] | None = None) -> list[tuple[Path, dict]]:
+    """(folder, kernel-metadata) per notebook, in notebook order; `only`: notebook prefixes."""
+    folders = []
+    for name in info["order"]:
+        if name == HELPERS_DIR:
+            continue
+        meta = json.loads((build_dir / name / "kernel-metadata.json").read_text())
+        if not only or any(meta["code_file"].startswith(prefix) for prefix in only):
+            folders.append((build_dir / name, meta))
+    return folders
+
+
+def push_commands(build_dir: str | Path, only: list[str] | None = None) -> list[list[str]]:
+    """The kaggle CLI calls, in order: the helpers dataset (version, or create when new), then
+    every kernel in notebook order."""
+    build_dir = Path(build_dir)
+    info = read_build(build_dir)
     helpers = build_dir / HELPERS_DIR
     commands = [["kaggle", "datasets", "version", "-p", str(helpers), "-m", f"helpers {info['wheel']}", "--dir-mode", "zip"]]
-    commands += [["kaggle", "kernels", "push", "-p", str(build_dir / name)] for name in info["order"] if name != HELPERS_DIR]
+    commands += [["kaggle", "kernels", "push", "-p", str(folder)] for folder, _ in kernel_folders(build_dir, info, only)]
     return commands
 
 
-def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run) -> list[list[str]]:
-    commands = push_commands(build_dir)
+def parse_status(output: str) -> str:
+    """'owner/slug has status "KernelWorkerStatus.COMPLETE"' (or "complete", or a dataset's
+    plain "ready") -> "complete" / "ready" / ..."""
+    found = re.search(r'has status "([^"]+)"', output)
+    text = found.group(1) if found else (output.strip().splitlines() or [""])[-1]
+    return text.strip().rsplit(".", 1)[-1].lower()
+
+
+FINISHED = {"complete"}
+FAILED = {"error", "cancelrequested", "cancelacknowledged", "cancelled", "canceled"}
+
+
+def wait_for(what: str, status_command: list[str], done: set[str], runner, timeout_s: float, poll_s: float,
+             sleep=time.sleep, clock=time.monotonic) -> str:
+    """Poll a `kaggle ... status` command until its status is in `done`; one progress line."""
+    start = clock()
+    while True:
+        result = runner(status_command, capture_output=True, text=True)
+        status = parse_status(result.stdout or "") if result.returncode == 0 else "unknown"
+        waited = clock() - start
+        print(f"\rwaiting for {what}: {status} ({waited / 60:.0f} min)", end="", flush=True)
+        if status in done:
+            print(flush=True)
+            return status
+        if status in FAILED:
+            print(flush=True)
+            raise CxrError(f"{what} ended with status {status!r}; see its log on Kaggle (or `kaggle kernels output "
+                           f"{status_command[-1]} -p LOGS`), fix it, and push the rest with --only")
+        if waited + poll_s > timeout_s:
+            print(flush=True)
+            raise CxrError(f"gave up waiting for {what} after {waited / 60:.0f} min (status {status!r}); when it has "
+                           "finished, push the rest with --only (e.g. --only 03 04)")
+        sleep(poll_s)
+
+
+def check_cli(runner=subprocess.run) -> None:
+    """The official CLI is installed and starts (kaggle 2.2.5 imports six without declaring it)."""
+    if shutil.which("kaggle") is None:
+        raise CxrError("the kaggle command is not installed; `pip install -e \".[publish]\"` (the official CLI and "
+                       "six, which it needs), then push again")
+    done = runner(["kaggle", "--version"], capture_output=True, text=True)
+    if done.returncode:
+        message = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no message"]
+        missing = re.search(r"No module named '([^']+)'", message[0])
+        if missing:
+            raise CxrError(f"the kaggle command fails to start: it needs the Python module {missing.group(1)!r}, which it "
+                           f"does not declare; `pip install {missing.group(1)}` (or `pip install -e \".[publish]\"`)")
+        raise CxrError(f"the kaggle command fails to start ({message[0][:200]}); reinstall it with `pip install -e \".[publish]\"`")
+
+
+def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wait: bool = True,
+         only: list[str] | None = None, timeout_s: float = 12 * 3600, poll_s: float = 60, sleep=time.sleep) -> list[list[str]]:
+    """Push the helpers dataset, then each kernel in order. With `wait`, a kernel whose inputs
+    include another kernel's output (03 and 04 read 02's LoRA) is pushed only once that kernel
+    has completed, and the kernels only once the dataset is ready."""
+    build_dir = Path(build_dir)
+    info = read_build(build_dir)
+    commands = push_commands(build_dir, only)
+    helpers_meta = json.loads((build_dir / HELPERS_DIR / "dataset-metadata.json").read_text())
     create = ["kaggle", "datasets", "create", "-p", commands[0][4], "--dir-mode", "zip"]
     if dry_run:
         print(shlex.join(commands[0]))
         print(f"  (if the dataset does not exist yet: {shlex.join(create)})")
-        for command in commands[1:]:
-            print(shlex.join(command))
+        if wait:
+            print(f"  (then wait until `kaggle datasets status {helpers_meta['id']}` says ready)")
+        for folder, meta in kernel_folders(build_dir, info, only):
+            for source in meta["kernel_sources"] if wait else []:
+                print(f"  (wait until `kaggle kernels status {source}` says complete)")
+            print(shlex.join(["kaggle", "kernels", "push", "-p", str(folder)]))
         return commands
-    if shutil.which("kaggle") is None:
-        raise CxrError("the kaggle command is not installed; `pip install kaggle`, then push again")
+    check_cli(runner)
     if not credentials_present():
         raise CxrError("no Kaggle credentials: create an API token (kaggle.com > Settings > API > Create New Token) "
                        "and put kaggle.json in ~/.kaggle/ (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
@@ -215,7 +303,13 @@ def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run) ->
         done = runner(create, capture_output=True, text=True)
     if done.returncode:
         raise CxrError(f"`{' '.join(commands[0][:3])}` failed: {(done.stderr or done.stdout).strip()[-300:]}")
-    for command in commands[1:]:
+    if wait:
+        wait_for(f"the helpers dataset {helpers_meta['id']}", ["kaggle", "datasets", "status", helpers_meta["id"]],
+                 {"ready"}, runner, timeout_s, poll_s, sleep)
+    for folder, meta in kernel_folders(build_dir, info, only):
+        for source in meta["kernel_sources"] if wait else []:
+            wait_for(f"notebook {source}", ["kaggle", "kernels", "status", source], FINISHED, runner, timeout_s, poll_s, sleep)
+        command = ["kaggle", "kernels", "push", "-p", str(folder)]
         done = runner(command, capture_output=True, text=True)
         if done.returncode:
             raise CxrError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-300:]}; "

@@ -14,7 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .config import CLIP_MAX_TOKENS, TinyModelConfig, save_config
+from .config import CLIP_MAX_TOKENS, RETIRED_MODEL_IDS, SD15_MODEL_ID, TinyModelConfig, save_config
 from .errors import CxrError
 from .io import write_json, write_text
 
@@ -56,6 +56,9 @@ def _from_hub(loader, model: str, what: str, **kwargs):
         return loader(model, local_files_only=True, **kwargs)
     except Exception:
         pass
+    if model in RETIRED_MODEL_IDS:  # a 404 from the hub would read like a typo or a login problem
+        raise CxrError(f"{model!r} was deleted from the Hugging Face hub in 2024; use its maintained copy "
+                       f"{RETIRED_MODEL_IDS[model]!r} (same weights and licence)")
     if not hub_reachable():
         raise CxrError(f"could not load the {what}: {_offline_hint(model)}")
     try:
@@ -144,7 +147,7 @@ def load_tokenizer(model: str | Path):
         path = Path(model).expanduser()
         if not path.is_dir():
             raise CxrError(f"tokenizer {model!r} is not a directory; pass a diffusers model dir, "
-                           f"a tokenizer dir, or a hub id such as runwayml/stable-diffusion-v1-5")
+                           f"a tokenizer dir, or a hub id such as {SD15_MODEL_ID}")
         folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         if not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
             raise CxrError(f"{folder} holds no tokenizer (vocab.json or tokenizer.json); pass a "

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Preset, SynthConfig, TinyModelConfig, get_preset, stage_config
+from .config import Preset, SynthConfig, TinyModelConfig, get_preset, preset_name, stage_config
 from .errors import CxrError
-from .io import KAGGLE_WORKING, on_kaggle, read_json, write_json
+from .io import cache_root, kaggle_input, kaggle_working, on_kaggle, read_json, write_json
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -19,32 +19,25 @@ def output_dir(path: str | os.PathLike = "") -> Path:
     """The given folder, else /kaggle/working/cxr-lora on Kaggle, else ./outputs."""
     if path:
         return Path(path).expanduser()
-    return KAGGLE_WORKING / "cxr-lora" if on_kaggle() else Path("outputs")
+    return kaggle_working() / "cxr-lora" if on_kaggle() else Path("outputs")
 
 
 @dataclass
 class Inputs:
-    preset: Preset
+    preset: Preset  # resolved: never "auto"
     data_dir: Path
     model: str
     out: Path
+    cache: Path  # resized images, latents, features: shared by every stage, outside Kaggle's output
 
     def figures(self, notebook: str) -> Path:
         folder = self.out / "figures" / notebook
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-
-def auto_preset() -> str:
-    """On Kaggle the GPU profile (two cards: T4 x2, one: P100) or sd15 without a GPU; elsewhere
-    the offline smoke preset."""
-    if not on_kaggle():
-        return "smoke"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "sd15"
-    return "kaggle-t4x2" if torch.cuda.device_count() >= 2 else "kaggle-p100"
+    def __repr__(self) -> str:  # what the notebooks display: one line per field
+        return "\n".join([f"preset   {self.preset.name}: {self.preset.description}", f"data     {self.data_dir}",
+                          f"model    {self.model}", f"output   {self.out}", f"cache    {self.cache}"])
 
 
 def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
@@ -59,7 +52,8 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
     from .models import make_tiny_model, tiny_model_is_built
     from .synthetic import dataset_is_built, make_synthetic_dataset
 
-    chosen = get_preset(auto_preset() if preset == "auto" else preset)
+    chosen = get_preset(preset)
+    preset = chosen.name
     out = output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if chosen.offline:
@@ -74,15 +68,20 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
             if not tiny_model_is_built(tiny.out, tiny.seed):
                 make_tiny_model(tiny)
             model = tiny.out
-    return Inputs(chosen, resolve_data_dir(data_dir), model or chosen.model, out)
+    return Inputs(chosen, resolve_data_dir(data_dir), model or chosen.model, out, cache_root(out))
 
 
-def prepared_pairs(inputs: Inputs, progress: bool = True) -> Path:
-    """OUT/data/pairs.csv: notebook 01's, when it ran into this output folder; else made now
-    with the preset's settings (the same rule and split)."""
+def prepared_pairs(inputs: Inputs, lora_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The pairs to work on: those the LoRA was trained on (its run's data/pairs.csv, also when
+    that run is an attached Kaggle output), so the test split is the one it never saw; else
+    OUT/data/pairs.csv (notebook 01's); else made now with the preset's settings."""
     from .config import PrepareConfig
     from .data import prepare
 
+    if lora_dir is not None:
+        trained_on = Path(lora_dir).parent.parent / "data" / "pairs.csv"
+        if trained_on.is_file():
+            return trained_on
     pairs = inputs.out / "data" / "pairs.csv"
     if pairs.is_file():
         return pairs
@@ -118,7 +117,7 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
     """
     import papermill
 
-    get_preset(auto_preset() if preset == "auto" else preset)
+    preset_name(preset)  # an unknown name fails before any notebook starts
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +146,7 @@ def trained_lora(inputs: Inputs, lora_dir: str = "") -> Path:
 
     candidates = [Path(lora_dir)] if lora_dir else [inputs.out / "train" / "lora"]
     if not lora_dir and on_kaggle():
-        from .io import KAGGLE_INPUT
-
-        candidates += sorted(KAGGLE_INPUT.glob(f"**/train/lora"))
+        candidates += sorted(kaggle_input().glob("**/train/lora"))
     for path in candidates:
         if (path / LORA_WEIGHTS).is_file():
             return path

@@ -46,20 +46,29 @@ def check_lora_dir(lora: str | Path) -> Path:
 
 
 def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dtype=None, device=None):
-    """The base pipeline (safety checker off: it blanks X-rays) with the LoRA loaded, if any."""
+    """The base pipeline (safety checker off: it blanks X-rays) with the LoRA loaded, if any.
+
+    By default on the GPU in fp16 when there is one (after checking torch has kernels for it),
+    else on the CPU in fp32: every generation path (notebooks, widget, galleries, evaluation
+    sets, synthesize) loads through here.
+    """
+    from .gpu import generation_device
     from .models import load_pipeline
 
     lora_dir = check_lora_dir(lora) if lora else None
+    if device is None:
+        device, auto_dtype = generation_device()
+        torch_dtype = torch_dtype or auto_dtype
     pipe = load_pipeline(model, torch_dtype=torch_dtype)
-    if device is not None:
-        pipe.to(device)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         base = _lora_base(lora_dir)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pipe.load_lora_weights(str(lora_dir))
+                # weight_name always: diffusers 0.32 refuses a folder without it in offline mode.
+                pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
         except (RuntimeError, ValueError, KeyError) as exc:
             hint = f" (its config.json says it was trained on {base})" if base else ""
             raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: "
@@ -189,8 +198,7 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
             raise CxrError(f"{out} already holds samples made with different {', '.join(differ)} "
                            f"({', '.join(f'{k}={before[k]!r}' for k in differ)}); use another --out or delete it")
     if pipe is None:
-        pipe = load_sampling_pipeline(cfg.model, cfg.lora or None,
-                                      device="cuda" if torch.cuda.is_available() else None)
+        pipe = load_sampling_pipeline(cfg.model, cfg.lora or None)
     counts = token_counts(pipe.tokenizer, prompts)
     too_long = [(i, n) for i, n in enumerate(counts) if n > CLIP_MAX_TOKENS]
     if too_long and cfg.strict:

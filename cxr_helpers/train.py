@@ -32,11 +32,16 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict, save_config
 from .errors import CxrError
-from .io import atomic_path, library_versions, read_json, write_csv, write_json, write_text
+from .io import atomic_path, kaggle_input, library_versions, on_kaggle, read_json, write_csv, write_json, write_text
 from .sample import LORA_WEIGHTS
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
 # Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
+# Children of `accelerate launch` report progress as lines with this prefix; the notebook's process
+# turns them into one updating bar (relayed tqdm redraws would be thousands of lines in a cell).
+PROGRESS_PREFIX = "cxr-progress "
+PROGRESS_LINES_ENV = "CXR_PROGRESS_LINES"
+
 RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
                      "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
                      "mixed_precision", "snr_gamma", "noise_offset", "random_flip", "lora_dropout")
@@ -74,17 +79,10 @@ def check_device(mixed_precision: str) -> str:
             raise CxrError("--mixed-precision fp16 needs a GPU and none is visible; use --mixed-precision no "
                            "on a CPU (or turn the GPU accelerator on in Kaggle's notebook settings)")
         return "cpu"
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
-    built = torch.cuda.get_arch_list()
+    from .gpu import check_cuda
+
+    check_cuda("training")
     name = torch.cuda.get_device_name()
-    # A build runs on a card when it has kernels for its arch (or PTX of a lower one to JIT).
-    has_kernels = arch in built or any(a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor for a in built)
-    if built and not has_kernels:
-        raise CxrError(
-            f"this torch {torch.__version__} has no kernels for the {name} ({arch}; built for {', '.join(built)}): "
-            "on Kaggle pick the GPU T4 x2 accelerator (preset kaggle-t4x2), or pin the original "
-            "environment in the notebook's settings, or install a torch built for that card")
     if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise CxrError(f"the {name} has no bf16; use --mixed-precision fp16")
     return "cuda"
@@ -309,11 +307,42 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: None))
 
 
+def attached_checkpoints() -> list[Path]:
+    """Checkpoints in earlier sessions' outputs attached as Kaggle inputs, newest step last.
+
+    A Kaggle session starts with an empty /kaggle/working: a run cut off by the session limit is
+    only found in that earlier output, mounted read-only under /kaggle/input.
+    """
+    root = kaggle_input()
+    if not on_kaggle() or not root.is_dir():
+        return []
+    found = [p for p in root.glob("**/train/checkpoints/step-[0-9]*")
+             if (p / "state.json").is_file() and (p / "lora.safetensors").is_file()]
+    return sorted(found, key=lambda p: (int(p.name.split("-")[1]), str(p)))
+
+
+def adopt_checkpoint(out: Path, source: Path) -> Path:
+    """Copy an attached checkpoint into OUT/checkpoints (atomically: temp dir, then rename)."""
+    target = out / "checkpoints" / source.name
+    tmp = target.with_name(f".tmp-adopt-{source.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+    return target
+
+
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
         found = checkpoint_dirs(out)
+        if not found and (attached := attached_checkpoints()):
+            found = [adopt_checkpoint(out, attached[-1])]
+            print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
+                  flush=True)
         if not found:
-            raise CxrError(f"--resume latest: {out / 'checkpoints'} holds no checkpoint; start without --resume")
+            raise CxrError(f"--resume latest: {out / 'checkpoints'} holds no checkpoint"
+                           + (" and no attached input holds one" if on_kaggle() else "")
+                           + "; start without --resume" + (", or attach the earlier session's output of this notebook "
+                                                            "(Add Input > Your Work)" if on_kaggle() else ""))
         return found[-1]
     path = Path(resume).expanduser()
     if not (path / "state.json").is_file() or not (path / "lora.safetensors").is_file():
@@ -486,7 +515,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     with accelerator.main_process_first():
         enc = load_or_build_encodings(cfg, pairs, data_dir, cache_dir, tokenizer, text_encoder, vae, device,
-                                      weight_dtype, progress and accelerator.is_local_main_process)
+                                      weight_dtype, progress and accelerator.is_local_main_process
+                                      and os.environ.get(PROGRESS_LINES_ENV) != "1")
 
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
                                 target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
@@ -556,7 +586,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             unet.train()
 
     scale = vae.config.scaling_factor
-    bar = tqdm(total=max_steps, initial=start_step, desc="training", disable=not (progress and accelerator.is_local_main_process))
+    relayed = os.environ.get(PROGRESS_LINES_ENV) == "1"  # run_training turns these lines into its own bar
+    bar = tqdm(total=max_steps, initial=start_step, desc="training",
+               disable=relayed or not (progress and accelerator.is_local_main_process))
     unet.train()
     step = start_step
     while step < max_steps:
@@ -592,6 +624,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         loss_rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        if relayed and main:
+            print(f"{PROGRESS_PREFIX}{step} {max_steps} {row['loss']:.5f} {row['images_per_s']:.2f}", flush=True)
         if main:
             with open(out / "loss.csv", "a") as handle:  # one line per step, readable while training
                 handle.write(",".join(repr(row[c]) for c in LOSS_COLUMNS) + "\n")
@@ -670,10 +704,22 @@ def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--mixed_precision", cfg.mixed_precision, "-m", "cxr_helpers", "train", "--config-file", str(request)]
     print(" ".join(command), flush=True)
-    # Relay the children's output line by line so it shows in the notebook cell.
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    # Relay the children's output so it shows in the notebook cell; their progress lines drive
+    # one bar here instead of becoming a line each.
+    env = {**os.environ, PROGRESS_LINES_ENV: "1"}
+    bar = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
-            print(line, end="", flush=True)
+            if not line.startswith(PROGRESS_PREFIX):
+                print(line, end="", flush=True)
+                continue
+            step, total, loss, images_per_s = line[len(PROGRESS_PREFIX):].split()
+            if bar is None:
+                bar = tqdm(total=int(total), initial=int(step) - 1, desc="training", disable=not progress)
+            bar.update(int(step) - bar.n)
+            bar.set_postfix(loss=loss, img_s=images_per_s)
+    if bar is not None:
+        bar.close()
     if proc.returncode:
         raise CxrError(f"training on {processes} processes failed (exit {proc.returncode}); the lines above say why; "
                        "fix that and rerun with resume latest, or train on one GPU with processes=1")
