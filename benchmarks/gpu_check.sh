@@ -5,7 +5,10 @@
 #  3. the real-feature-network tests on the GPU (evaluate moves its networks there);
 #  4. bench_train.py (project loop on cached latents vs the diffusers-reference loop that encodes
 #     every step) in fp16 at batch 4, 16 and 64: images/s, peak GPU memory, fraction of fp16 peak;
-#  5. bench_sample.py (batched DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16.
+#  5. bench_sample.py (batched DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16;
+#  6. gpu_kaggle_path.py: notebook 02's training (preset gpu-1x16gb) and notebook 04's generation
+#     through the stage code, SD1.5-shaped random weights, fp16, with the default device choice.
+# PARTS picks sections: PARTS="kaggle" bash benchmarks/gpu_check.sh runs only 6 (default: all).
 #
 # The GPU image lacks diffusers, torch-fidelity (and may hold an older peft): carry them as
 # wheels in .whl/ (see the device tool's README); this script installs whatever .whl/ holds.
@@ -25,6 +28,8 @@ LOG=${OUT:-.}/gpu_check.log
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$LOG"
+PARTS=${PARTS:-eval train sample kaggle}
+if [[ " $PARTS " == *" eval "* ]]; then
 echo "== eval: shared pass vs three torchmetrics objects, 2 x 512" | tee -a "$LOG"
 timeout 120 python3 benchmarks/bench_eval.py --device cuda --images 512 --batch-size 64 --repeats 3 2>&1 \
   | grep -v Warning | tee -a "$LOG"
@@ -32,11 +37,21 @@ echo "== eval: TF32 vs float32 features" | tee -a "$LOG"
 timeout 60 python3 benchmarks/gpu_feature_precision.py --images 512 2>&1 | grep -v Warning | tee -a "$LOG"
 echo "== tests/test_feature_networks.py on the GPU" | tee -a "$LOG"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_feature_networks.py 2>&1 | tail -3 | tee -a "$LOG"
+fi
+if [[ " $PARTS " == *" train "* ]]; then
 for batch in 4 16 64; do
   echo "== train loop, fp16, batch $batch" | tee -a "$LOG"
   timeout 90 python3 benchmarks/bench_train.py --device cuda --precision fp16 --batch-size "$batch" \
     --steps 8 --rounds 2 --images 64 2>&1 | grep -v Warning | tee -a "$LOG"
 done
+fi
+if [[ " $PARTS " == *" sample "* ]]; then
 echo "== sampling, fp16, batch 16 vs one per call" | tee -a "$LOG"
 timeout 90 python3 benchmarks/bench_sample.py --device cuda --precision fp16 --batch-size 16 \
   --reference-images 4 --rounds 2 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+if [[ " $PARTS " == *" kaggle "* ]]; then
+echo "== notebook 02 training + notebook 04 generation through the stages, fp16, SD1.5-shaped" | tee -a "$LOG"
+timeout 420 python3 benchmarks/gpu_kaggle_path.py --work /tmp/kaggle_path --out "${OUT:-.}" --train-steps 60 \
+  --images 512 2>&1 | grep -v Warning | tee -a "$LOG"
+fi

@@ -29,7 +29,9 @@ def test_the_stages_chain_on_the_command_line(tmp_path, tiny_model_dir):
     (["prepare", "--data-dir", "/no/such/dir", "--out", "OUT", "--tokenizer", "TOK"], "data dir /no/such/dir does not exist"),
     (["prepare", "--data-dir", "EMPTY", "--out", "OUT", "--tokenizer", "TOK"], "has no indiana_reports.csv"),
     (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "/no/tokenizer"], "is not a directory"),
-    (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "runwayml/stable-diffusion-v1-5"], "needs internet"),
+    (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "stable-diffusion-v1-5/stable-diffusion-v1-5"], "needs internet"),
+    (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "runwayml/stable-diffusion-v1-5"],
+     "was deleted from the Hugging Face hub in 2024; use its maintained copy 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
     (["synth", "--out", "OUT", "--reports", "0"], "--reports must be at least 1"),
     (["run-notebooks", "--out", "OUT", "--notebooks", "EMPTY"], "no numbered notebooks"),
 ])

@@ -53,9 +53,14 @@ def test_bad_model_and_tokenizer_sources_are_explained(tmp_path):
         load_tokenizer(tmp_path / "nope")
     # A hub id with no internet (the tests force HF_HUB_OFFLINE): the sentence says what to do.
     with pytest.raises(CxrError, match="needs internet.*or pass a local diffusers directory"):
-        load_tokenizer("runwayml/stable-diffusion-v1-5")
+        load_tokenizer("stable-diffusion-v1-5/stable-diffusion-v1-5")
     with pytest.raises(CxrError, match="needs internet"):
-        load_pipeline("runwayml/stable-diffusion-v1-5")
+        load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    # The seed's id was deleted from the hub: one sentence naming the maintained copy, not "turn internet on".
+    for load in (load_tokenizer, load_pipeline):
+        with pytest.raises(CxrError, match="'runwayml/stable-diffusion-v1-5' was deleted from the Hugging Face hub in 2024; "
+                                           "use its maintained copy 'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
+            load("runwayml/stable-diffusion-v1-5")
 
 
 def test_make_tiny_model_saves_its_config(tmp_path):
