@@ -52,6 +52,6 @@ timeout 90 python3 benchmarks/bench_sample.py --device cuda --precision fp16 --b
 fi
 if [[ " $PARTS " == *" kaggle "* ]]; then
 echo "== notebook 02 training + notebook 04 generation through the stages, fp16, SD1.5-shaped" | tee -a "$LOG"
-timeout 420 python3 benchmarks/gpu_kaggle_path.py --work /tmp/kaggle_path --out "${OUT:-.}" --train-steps 60 \
+timeout 420 python3 benchmarks/gpu_kaggle_path.py --work "$(mktemp -d)" --out "${OUT:-.}" --train-steps 30 \
   --images 512 2>&1 | grep -v Warning | tee -a "$LOG"
 fi
