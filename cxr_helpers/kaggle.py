@@ -294,10 +294,10 @@ def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wa
                 print(f"  (wait until `kaggle kernels status {source}` says complete)")
             print(shlex.join(["kaggle", "kernels", "push", "-p", str(folder)]))
         return commands
-    check_cli(runner)
     if not credentials_present():
         raise CxrError("no Kaggle credentials: create an API token (kaggle.com > Settings > API > Create New Token) "
                        "and put kaggle.json in ~/.kaggle/ (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
+    check_cli(runner)
     done = runner(commands[0], capture_output=True, text=True)
     if done.returncode and "not found" in (done.stdout + done.stderr).lower():
         done = runner(create, capture_output=True, text=True)
