@@ -691,6 +691,26 @@ def result_from_disk(out: str | Path) -> TrainResult:
     return TrainResult(out, out / "lora", int(info["steps_done"]), loss, False, -1, figures)
 
 
+def relay_output(lines, progress: bool = True, echo=print) -> int:
+    """Show the children's output in the notebook cell: their progress lines drive one bar here
+    (a relayed tqdm would redraw into thousands of lines), everything else is printed as is.
+    Returns the last step reported."""
+    bar, step = None, 0
+    for line in lines:
+        if not line.startswith(PROGRESS_PREFIX):
+            echo(line, end="", flush=True)
+            continue
+        step_text, total, loss, images_per_s = line[len(PROGRESS_PREFIX):].split()
+        step = int(step_text)
+        if bar is None:
+            bar = tqdm(total=int(total), initial=step - 1, desc="training", disable=not progress)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=loss, img_s=images_per_s)
+    if bar is not None:
+        bar.close()
+    return step
+
+
 def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool = True) -> TrainResult:
     """Train here, or over several GPUs with `accelerate launch` (one notebook process cannot
     drive two cards; Kaggle's T4 x2 needs this). processes=None: one per visible GPU."""
@@ -704,22 +724,9 @@ def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--mixed_precision", cfg.mixed_precision, "-m", "cxr_helpers", "train", "--config-file", str(request)]
     print(" ".join(command), flush=True)
-    # Relay the children's output so it shows in the notebook cell; their progress lines drive
-    # one bar here instead of becoming a line each.
     env = {**os.environ, PROGRESS_LINES_ENV: "1"}
-    bar = None
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            if not line.startswith(PROGRESS_PREFIX):
-                print(line, end="", flush=True)
-                continue
-            step, total, loss, images_per_s = line[len(PROGRESS_PREFIX):].split()
-            if bar is None:
-                bar = tqdm(total=int(total), initial=int(step) - 1, desc="training", disable=not progress)
-            bar.update(int(step) - bar.n)
-            bar.set_postfix(loss=loss, img_s=images_per_s)
-    if bar is not None:
-        bar.close()
+        relay_output(proc.stdout, progress)
     if proc.returncode:
         raise CxrError(f"training on {processes} processes failed (exit {proc.returncode}); the lines above say why; "
                        "fix that and rerun with resume latest, or train on one GPU with processes=1")
