@@ -73,7 +73,7 @@ class TrainConfig:
     data_dir: str = ""  # the dataset folder the pairs point into ("" = the Kaggle mount on Kaggle)
     model: str = SD15_MODEL_ID  # hub id or local diffusers dir
     out: str = "train"
-    cache_dir: str = ""  # "" = OUT/cache; latents and text embeddings, reused across runs
+    cache_dir: str = ""  # "" = OUT/cache (on Kaggle: /tmp, outside the output); latents, embeddings, resized images
     resolution: int = 128
     fit: str = "stretch"  # stretch (the seed) | pad | crop
     batch_size: int = 4  # per process (per GPU)
@@ -155,7 +155,7 @@ class EvalConfig:
     audit_cosine_threshold: float = 0.99  # cosine of feature vectors
     resolution: int = 128
     fit: str = "stretch"
-    cache_dir: str = ""  # "" = OUT/cache: real-image features, reused across evaluations
+    cache_dir: str = ""  # "" = OUT/cache (on Kaggle: /tmp, outside the output); real-image features, resized images
     seed: int = 0
     batch_size: int = 32
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig, config_to_dict
 from .errors import CxrError
-from .io import atomic_path, can_reach, library_versions, write_csv, write_json
+from .io import atomic_path, cache_root, can_reach, library_versions, write_csv, write_json
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)
@@ -562,7 +562,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     sets = parse_generated(cfg.generated)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
-    cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
     notes: list[str] = []
     generated = [generated_set(name, path, cfg.resolution) for name, path in sets]
     for g in generated:

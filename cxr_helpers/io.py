@@ -85,10 +85,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)  # a writer that replaced the temp file (safetensors does) made it 0600
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def give_umask_modes(folder: str | os.PathLike) -> None:
+    """Files a library wrote into `folder` get the umask's mode (safetensors writes 0600)."""
+    for file in Path(folder).rglob("*"):
+        if file.is_file():
+            os.chmod(file, FILE_MODE)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

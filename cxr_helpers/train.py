@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict, save_config
 from .errors import CxrError
-from .io import atomic_path, kaggle_input, library_versions, on_kaggle, read_json, write_csv, write_json, write_text
+from .io import atomic_path, cache_root, give_umask_modes, kaggle_input, library_versions, on_kaggle, read_json, write_csv, write_json, write_text
 from .sample import LORA_WEIGHTS
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
@@ -289,6 +289,7 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: Tr
         write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
                                         "config": config_to_dict(cfg)})
         write_csv(tmp / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        give_umask_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -368,6 +369,7 @@ def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:
     write_json(tmp / "config.json", {"base_model": cfg.model, "config": config_to_dict(cfg), **info,
                                      "versions": library_versions()})
     write_text(tmp / "README.md", model_card(cfg, info))
+    give_umask_modes(tmp)
     old = out / f".old-lora-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
@@ -512,7 +514,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         part.to(device, dtype=weight_dtype)
     prediction_type = cfg.prediction_type or noise_scheduler.config.prediction_type
 
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
     with accelerator.main_process_first():
         enc = load_or_build_encodings(cfg, pairs, data_dir, cache_dir, tokenizer, text_encoder, vae, device,
                                       weight_dtype, progress and accelerator.is_local_main_process
