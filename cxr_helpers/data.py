@@ -32,7 +32,7 @@ REPORT_COLUMNS_NEEDED = ("uid", "impression")
 PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
 PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
 EXCLUSION_REASONS = ("no_report", "other_projection", "empty_impression", "too_long",
-                     "missing_image", "unreadable_image")
+                     "outside_data_dir", "missing_image", "unreadable_image")
 SPLITS = ("patient", "image")
 PROJECTIONS = {"both": ("Frontal", "Lateral"), "frontal": ("Frontal",), "lateral": ("Lateral",)}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,6 +98,22 @@ def image_path(data_dir: str | os.PathLike, filename: str) -> Path:
     return Path(data_dir) / IMAGES_SUBDIR / filename
 
 
+def inside(folder: str | os.PathLike, name: str) -> Path | None:
+    """folder/name when it resolves (symlinks and `..` followed) to a place under folder, else
+    None: a file named in a CSV ("../../x.png", "/etc/x.png") must not reach outside its folder."""
+    root = Path(folder).resolve()
+    try:
+        path = (root / str(name)).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if path != root and path.is_relative_to(root) else None
+
+
+def contained_image_path(data_dir: str | os.PathLike, filename: str) -> Path | None:
+    """image_path, or None when the filename points outside the dataset's image folder."""
+    return image_path(data_dir, filename) if inside(Path(data_dir) / IMAGES_SUBDIR, filename) else None
+
+
 # ---------------------------------------------------------------- prompts --------------------
 
 def collapse_whitespace(text: str) -> str:
@@ -155,8 +171,8 @@ def inspect_image(path: Path) -> tuple[str | None, int, int]:
                 handle.seek(max(0, size - 12))
                 if not handle.read(12).endswith(_PNG_TRAILER):
                     return "unreadable_image", width, height
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return "unreadable_image", 0, 0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable_image", 0, 0  # a decompression bomb (a huge header) is not a film either
     if width <= 0 or height <= 0:
         return "unreadable_image", 0, 0
     return None, width, height
@@ -274,8 +290,14 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     reason[(reason == "") & ~wanted] = "other_projection"
     reason[(reason == "") & (table["prompt"] == "")] = "empty_impression"
     reason[(reason == "") & (table["n_tokens"] > cfg.max_tokens)] = "too_long"
+    # A filename that leads outside the image folder is never opened.
+    paths = [contained_image_path(data_dir, f) for f in table["filename"]]
+    outside = pd.Series([p is None for p in paths], index=table.index)
+    reason[(reason == "") & outside] = "outside_data_dir"
     # Images are checked for every listed file (headers only), so the summary counts them all.
-    checks = inspect_images([image_path(data_dir, f) for f in table["filename"]], cfg.workers, progress)
+    checks = inspect_images([p for p in paths if p is not None], cfg.workers, progress)
+    checks_iter = iter(checks)
+    checks = [("", 0, 0) if p is None else next(checks_iter) for p in paths]
     problem = pd.Series([c[0] or "" for c in checks], index=table.index, dtype=object)
     table["width"] = [c[1] for c in checks]
     table["height"] = [c[2] for c in checks]
@@ -423,15 +445,18 @@ class ChestXrayDataset:
         return self.cache_dir / f"{source.name.split('.')[0]}-{digest}.png"
 
     def is_cached(self, index: int) -> bool:
-        source = image_path(self.data_dir, self.pairs.at[index, "filename"])
-        if self.cache_dir is None or not source.is_file():
+        source = contained_image_path(self.data_dir, self.pairs.at[index, "filename"])
+        if self.cache_dir is None or source is None or not source.is_file():
             return False
         return self._cache_path(source).is_file()
 
     def load_image(self, index: int) -> Image.Image:
         """The resized 8-bit grayscale image of pair `index` (from the cache when there)."""
         filename = self.pairs.at[index, "filename"]
-        source = image_path(self.data_dir, filename)
+        source = contained_image_path(self.data_dir, filename)
+        if source is None:
+            raise CxrError(f"pairs.csv names {filename!r}, which lies outside {self.data_dir / IMAGES_SUBDIR}; "
+                           "re-run prepare (it excludes such rows as outside_data_dir)")
         if not source.is_file():
             raise CxrError(f"image {source} is missing; re-run prepare so it goes to excluded.csv")
         cached = self._cache_path(source)
@@ -440,7 +465,7 @@ class ChestXrayDataset:
                 return im.convert("L")
         try:
             small = resize_xray(_decode_full_image(source), self.resolution, self.fit)
-        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
             raise CxrError(f"image {source} could not be decoded ({exc}); remove it from pairs.csv "
                            "or replace the file") from None
         if cached is not None:

@@ -335,7 +335,20 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
         raise CxrError(f"generated dir {folder} does not exist; make it with `python -m cxr_helpers sample`")
     if not meta_path.is_file():
         raise CxrError(f"generated dir {folder} has no metadata.csv; pass a folder written by `python -m cxr_helpers sample`")
-    meta = pd.read_csv(meta_path, keep_default_na=False)
+    from .data import inside
+
+    try:
+        meta = pd.read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CxrError(f"{meta_path} is not a readable CSV ({exc.__class__.__name__}); re-run sample into {folder}") from None
+    missing = [c for c in ("file", "prompt") if c not in meta.columns]
+    if missing:
+        raise CxrError(f"{meta_path} lacks the column(s) {', '.join(missing)}; pass a folder written by "
+                       "`python -m cxr_helpers sample`")
+    outside = [f for f in meta["file"] if inside(folder, f) is None]
+    if outside:  # a listed file must be one of the folder's own images, never something elsewhere
+        raise CxrError(f"{meta_path} names {outside[0]!r}, which lies outside {folder} "
+                       f"({len(outside)} such row(s)); list only files inside the folder")
     images, prompts, files, bad = [], [], [], 0
     for row in meta.itertuples():
         try:
@@ -344,7 +357,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
                 if im.size != (resolution, resolution):
                     im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                 images.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
             bad += 1
             continue
         prompts.append(row.prompt)

@@ -219,3 +219,42 @@ def test_mesh_major_terms():
     reports = pd.DataFrame({"MeSH": ["normal", "Cardiomegaly/mild;Opacity/lung/base/left", "Cardiomegaly"]})
     counts = data.mesh_major_terms(reports)
     assert counts["Cardiomegaly"] == 2 and counts["normal"] == 1 and counts["Opacity"] == 1
+
+
+def test_filenames_outside_the_data_dir_are_excluded_never_read(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest."] * 3, views=("Frontal",))
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(secret)
+    folder = root / "images" / "images_normalized"
+    (folder / "loop.png").symlink_to(folder / "loop.png")  # a symlink loop
+    projections = pd.read_csv(root / "indiana_projections.csv")
+    extra = pd.DataFrame({"uid": [1, 2, 3], "projection": ["Frontal"] * 3,
+                          "filename": ["../../../secret.png", str(secret), "loop.png"]})
+    pd.concat([projections, extra]).to_csv(root / "indiana_projections.csv", index=False)
+    result = run(root, tmp_path / "out", tokenizer)
+    assert len(result.pairs) == 3 and not result.pairs["filename"].str.contains("secret").any()
+    reasons = result.excluded.set_index("filename")["reason"].to_dict()
+    assert reasons["../../../secret.png"] == reasons[str(secret)] == "outside_data_dir"
+    assert reasons["loop.png"] in ("outside_data_dir", "unreadable_image")
+    assert result.summary["excluded_by_reason"]["outside_data_dir"] >= 2
+    # A pairs.csv edited afterwards to point outside is refused by the dataset, not read.
+    edited = result.pairs.copy()
+    edited.loc[0, "filename"] = "../../../secret.png"
+    with pytest.raises(CxrError, match="lies outside"):
+        ChestXrayDataset(edited, root, 32).load_image(0)
+
+
+def test_a_decompression_bomb_header_is_an_unreadable_image(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest."] * 2, views=("Frontal",))
+    bomb = root / "images" / "images_normalized" / "1_IM-0001-4001.dcm.png"
+    # A valid PNG header claiming 30000 x 30000 px (900 M pixels): Pillow refuses to open it.
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    result = run(root, tmp_path / "out", tokenizer)
+    assert result.excluded.set_index("uid")["reason"][1] == "unreadable_image"
