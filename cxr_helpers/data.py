@@ -31,7 +31,7 @@ IMAGES_SUBDIR = Path("images") / "images_normalized"
 REPORT_COLUMNS_NEEDED = ("uid", "impression")
 PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
 PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
-EXCLUSION_REASONS = ("no_report", "other_projection", "empty_impression", "too_long",
+EXCLUSION_REASONS = ("duplicate_row", "no_report", "other_projection", "empty_impression", "too_long",
                      "outside_data_dir", "missing_image", "unreadable_image")
 SPLITS = ("patient", "image")
 PROJECTIONS = {"both": ("Frontal", "Lateral"), "frontal": ("Frontal",), "lateral": ("Lateral",)}
@@ -75,7 +75,7 @@ def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
     if missing:
         raise CxrError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
                        f"{', '.join(frame.columns)}); use the Kaggle dataset's original file")
-    bad_uid = pd.to_numeric(frame["uid"], errors="coerce").isna()
+    bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")  # "1.5", "", "abc": not a report number
     if bad_uid.any():
         raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
                        f"{int(np.flatnonzero(bad_uid)[0]) + 2}; fix or remove that row")
@@ -260,13 +260,6 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
     from .models import load_tokenizer
 
-    if cfg.projection not in PROJECTIONS:
-        raise CxrError(f"--projection {cfg.projection!r} is not known; use both, frontal or lateral")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise CxrError(f"--limit must be at least 1, got {cfg.limit}")
-    if cfg.max_tokens < 3:
-        raise CxrError(f"max_tokens must be at least 3 (start, one word, end), got {cfg.max_tokens}")
-    check_split(cfg.split, cfg.test_fraction)  # before any work
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
     if tokenizer is None:
@@ -275,7 +268,13 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     images = projections[list(PROJECTION_COLUMNS_NEEDED)].sort_values(["uid", "filename"], kind="stable")
     if cfg.limit is not None:
         images = images.head(cfg.limit)
-    reports = reports.drop_duplicates("uid")
+    images = images.reset_index(drop=True)
+    # One film is one pair: a file listed twice would train twice. The first listing (by uid,
+    # then file order) is kept, the others are excluded as duplicate_row.
+    duplicate = images.duplicated("filename", keep="first")
+    # A uid with several report rows: the first row in the file is the report (counted in the summary).
+    duplicate_reports = int(reports.duplicated("uid").sum())
+    reports = reports.drop_duplicates("uid", keep="first")
     table = images.merge(reports[["uid", "impression"]], on="uid", how="left", indicator=True)
     table["prompt"] = table["impression"].fillna("").map(collapse_whitespace)
     if cfg.clean_prompts:
@@ -285,6 +284,7 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
 
     # The first reason that applies, in the order of EXCLUSION_REASONS.
     reason = pd.Series("", index=table.index, dtype=object)
+    reason[duplicate.to_numpy()] = "duplicate_row"
     wanted = table["projection"].isin(PROJECTIONS[cfg.projection])
     reason[(reason == "") & (table["_merge"] == "left_only")] = "no_report"
     reason[(reason == "") & ~wanted] = "other_projection"
@@ -307,9 +307,16 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     pairs = table[table["reason"] == ""].drop(columns=["reason", "impression", "_merge"]).reset_index(drop=True)
     pairs["split"] = split_pairs(pairs, cfg.split, cfg.test_fraction, cfg.seed)
     pairs = pairs[list(PAIRS_COLUMNS)]
+    sides = {s: int((pairs["split"] == s).sum()) for s in ("train", "test")}
+    empty = [s for s, n in sides.items() if n == 0]
+    if empty:  # nothing is written: an empty side would fail later, in train or evaluate
+        raise CxrError(f"the {cfg.split} split of {len(pairs)} pairs with --test-fraction {cfg.test_fraction} leaves "
+                       f"no {empty[0]} pairs; {'lower' if empty[0] == 'train' else 'raise'} --test-fraction"
+                       + (" or use more data (--limit, more reports)" if len(pairs) < 10 else ""))
     excluded = table[table["reason"] != ""][["uid", "filename", "projection", "reason", "n_tokens"]].reset_index(drop=True)
 
     summary = summarize(pairs, excluded, table, reports, problem, cfg)
+    summary["duplicate_report_rows"] = duplicate_reports
     out = Path(cfg.out)
     write_csv(out / "pairs.csv", pairs)
     write_csv(out / "excluded.csv", excluded)
@@ -356,11 +363,27 @@ def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFram
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"pairs file {path} does not exist; run `python -m cxr_helpers prepare` first")
-    frame = pd.read_csv(path, dtype={"filename": str, "prompt": str, "split": str}, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CxrError(f"{path} is not a readable CSV ({exc.__class__.__name__}); it must be a pairs.csv "
+                       "written by `python -m cxr_helpers prepare`") from None
     missing = [c for c in PAIRS_REQUIRED if c not in frame.columns]
     if missing:
         raise CxrError(f"{path} lacks the column(s) {', '.join(missing)}; it must be a pairs.csv "
                        "written by `python -m cxr_helpers prepare`")
+    bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")
+    if bad_uid.any():
+        raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
+                       f"{int(np.flatnonzero(bad_uid)[0]) + 2}; re-run prepare")
+    frame["uid"] = frame["uid"].astype(int)
+    for column in ("n_tokens", "width", "height"):  # numbers in pairs.csv, when present
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    labels = sorted(set(frame["split"]) - {"train", "test"})
+    if labels:  # silently dropping them would shrink both sides
+        raise CxrError(f"{path} has split label(s) {', '.join(map(repr, labels))}; only train and test are "
+                       "known: fix those rows or re-run prepare")
     if split is not None:
         if split not in ("train", "test"):
             raise CxrError(f"split {split!r} is not known; use train or test")

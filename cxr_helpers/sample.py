@@ -9,6 +9,7 @@ written as grayscale PNGs with a metadata.csv row each; a rerun skips what is al
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,16 +151,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 
 def validate(cfg: SampleConfig) -> None:
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise CxrError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
-    if cfg.n_per_prompt < 1:
-        raise CxrError(f"--n-per-prompt must be at least 1, got {cfg.n_per_prompt}")
-    if cfg.batch_size < 1:
-        raise CxrError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.steps < 1:
-        raise CxrError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise CxrError(f"--scheduler {cfg.scheduler!r} is not known; use {', '.join(SCHEDULERS)}")
+    """What the config's own check (config.check_settings) cannot see: settings together."""
     if cfg.upscale and cfg.upscale < cfg.resolution:
         raise CxrError(f"--upscale {cfg.upscale} is smaller than --resolution {cfg.resolution}; use 0 or a larger size")
 
@@ -296,20 +288,62 @@ def seed_grid(pipe, prompt: str, seeds=range(8), resolution: int = 128, steps: i
 
 # ---------------------------------------------------------------- synthetic export -----------
 
+# The spec's schema: what synthesize reads, nothing else (a misspelt key would be ignored silently).
+SPEC_SAMPLER_KEYS = ("model", "lora", "seed", "steps", "guidance", "resolution", "scheduler", "lora_scale")
+SPEC_KEYS = ("items", "uid_start", *SPEC_SAMPLER_KEYS)
+SPEC_ITEM_KEYS = ("prompt", "label", "templates", "count")
+
+
 def read_spec(path: str | Path) -> dict:
     """A synthesize spec (JSON): {"items": [{"prompt": ..., "count": N} |
     {"label": ..., "templates": [...], "count": N}], optional model, lora, seed, steps, guidance,
-    resolution, scheduler, lora_scale, uid_start}."""
+    resolution, scheduler, lora_scale, uid_start}, checked against that schema."""
     spec = read_user_json(path, "spec", "write a JSON file with an \"items\" list")
-    items = spec.get("items") if isinstance(spec, dict) else None
-    if not items:
-        raise CxrError(f"spec {path} has no \"items\"; list {{\"prompt\": TEXT, \"count\": N}} or "
+    return check_spec(spec, path)
+
+
+def check_spec(spec, path: str | Path = "spec") -> dict:
+    if not isinstance(spec, dict):
+        raise CxrError(f"spec {path} must be a JSON object with an \"items\" list, not a {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise CxrError(f"spec {path} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}")
+    items = spec.get("items")
+    if not isinstance(items, list) or not items:
+        raise CxrError(f"spec {path} has no \"items\" list; list {{\"prompt\": TEXT, \"count\": N}} or "
                        "{\"label\": NAME, \"templates\": [TEXT, ...], \"count\": N}")
     for i, item in enumerate(items, 1):
-        if not isinstance(item, dict) or not isinstance(item.get("count"), int) or item["count"] < 1:
+        if not isinstance(item, dict):
+            raise CxrError(f"spec item {i} must be an object like {{\"prompt\": TEXT, \"count\": N}}")
+        unknown = sorted(set(item) - set(SPEC_ITEM_KEYS))
+        if unknown:
+            raise CxrError(f"spec item {i} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SPEC_ITEM_KEYS)}")
+        count = item.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise CxrError(f"spec item {i} needs a positive integer \"count\"")
-        if not item.get("prompt") and not item.get("templates"):
-            raise CxrError(f"spec item {i} needs a \"prompt\" or a \"label\" with \"templates\"")
+        if ("prompt" in item) == ("templates" in item):
+            raise CxrError(f"spec item {i} needs a \"prompt\" or a \"label\" with \"templates\" (one of the two)")
+        if "prompt" in item and (not isinstance(item["prompt"], str) or not item["prompt"].strip()):
+            raise CxrError(f"spec item {i}: \"prompt\" must be non-empty text")
+        templates = item.get("templates", ["x"])
+        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
+            raise CxrError(f"spec item {i}: \"templates\" must be a list of non-empty texts, e.g. [\"Small left "
+                           "pleural effusion.\"]")
+        if not isinstance(item.get("label", ""), str):
+            raise CxrError(f"spec item {i}: \"label\" must be text")
+    uid_start = spec.get("uid_start", 100000)
+    if not isinstance(uid_start, int) or isinstance(uid_start, bool) or uid_start < 1:
+        raise CxrError(f"spec {path}: \"uid_start\" must be a positive integer, got {uid_start!r}")
+    # The sampler settings get the same check as `sample`'s own (types, ranges, finiteness).
+    try:
+        SampleConfig(**{k: spec[k] for k in SPEC_SAMPLER_KEYS if k in spec})
+    except CxrError as exc:  # name the spec's key, not the command-line flag
+        message = str(exc)
+        for key in SPEC_SAMPLER_KEYS:
+            flag = "--" + key.replace("_", "-")
+            if message.startswith(flag + " "):
+                message = f'"{key}"' + message[len(flag):]
+        raise CxrError(f"spec {path}: {message}") from None
     return spec
 
 
@@ -329,9 +363,8 @@ def example_spec(count: int = 4, **settings) -> dict:
 
 def write_spec(path: str | Path, spec: dict) -> Path:
     """Write a spec as JSON (atomically), checked the way synthesize will read it."""
-    path = write_json(path, spec)
-    read_spec(path)
-    return path
+    check_spec(json.loads(json.dumps(spec)), path)  # as synthesize will read it, before anything is written
+    return write_json(path, spec)
 
 
 def expand_spec(spec: dict) -> list[tuple[str, str]]:

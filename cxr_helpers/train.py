@@ -45,26 +45,10 @@ RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "
 # ---------------------------------------------------------------- checks ---------------------
 
 def validate(cfg: TrainConfig) -> None:
-    """Refuse bad settings before anything is loaded."""
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise CxrError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
-    for name in ("batch_size", "grad_accum", "rank"):
-        if getattr(cfg, name) < 1:
-            raise CxrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.epochs is None and cfg.max_steps < 1:
-        raise CxrError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise CxrError(f"--epochs must be positive, got {cfg.epochs}")
-    if not cfg.learning_rate > 0:
-        raise CxrError(f"--learning-rate must be positive, got {cfg.learning_rate}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise CxrError(f"--mixed-precision {cfg.mixed_precision!r} is not known; use no, fp16 or bf16")
-    if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
-        raise CxrError(f"--prediction-type {cfg.prediction_type!r} is not known; use epsilon or v_prediction")
-    if cfg.fit not in ("stretch", "pad", "crop"):
-        raise CxrError(f"--fit {cfg.fit!r} is not known; use stretch, pad or crop")
-    if cfg.checkpoint_every < 0 or cfg.validation_every < 0 or cfg.keep_checkpoints < 1:
-        raise CxrError("--checkpoint-every and --validation-every must be 0 or more, --keep-checkpoints at least 1")
+    """Refuse bad settings before anything is loaded (ranges and types were checked when the
+    config was built: config.check_settings)."""
+    if not cfg.target_modules:
+        raise CxrError("--target-modules is empty; name the UNet modules to adapt, e.g. to_k to_q to_v to_out.0")
 
 
 def check_device(mixed_precision: str) -> str:

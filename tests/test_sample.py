@@ -156,3 +156,23 @@ def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, token
     assert json.loads((out / "synthetic_manifest.json").read_text())["synthetic"] is True
     with pytest.raises(CxrError, match="needs a positive integer"):
         sample_mod.write_spec(tmp_path / "bad.json", {"items": [{"prompt": "x", "count": 0}]})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"items": [{"label": "E", "templates": "Small effusion.", "count": 2}]}, '"templates" must be a list'),
+    ({"items": [{"prompt": "x", "count": 1}], "stpes": 4}, "unknown key\\(s\\) stpes; known: items"),
+    ({"items": [{"prompt": "x", "count": 1, "weight": 2}]}, "item 1 has unknown key\\(s\\) weight; known: prompt"),
+    ({"items": [{"prompt": "x", "count": 1}], "lora_scale": "nan"}, '"lora_scale" must be a number'),
+    ({"items": [{"prompt": "x", "count": 1}], "steps": 0}, '"steps" must be at least 1'),
+    ({"items": [{"prompt": "x", "templates": ["y"], "count": 1}]}, "one of the two"),
+    ({"items": {"prompt": "x"}}, 'no "items" list'),
+    (["x"], "must be a JSON object"),
+])
+def test_a_spec_is_checked_against_its_schema_before_anything_is_written(tmp_path, spec, message):
+    with pytest.raises(CxrError, match=message):
+        sample_mod.write_spec(tmp_path / "spec.json", spec)
+    assert not (tmp_path / "spec.json").exists()
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(CxrError, match=message):
+        sample_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
+    assert not (tmp_path / "out").exists()
