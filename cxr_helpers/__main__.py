@@ -38,7 +38,7 @@ def _synth(args) -> None:
     from .synthetic import make_synthetic_dataset
 
     cfg = stage_config(SynthConfig, args.preset, out=args.out, reports=args.reports, seed=args.seed,
-                       image_size=args.image_size, broken_images=args.broken_images)
+                       image_size=args.image_size, broken_images=args.broken_images, overwrite=args.overwrite or None)
     out = make_synthetic_dataset(cfg)
     print(f"wrote a synthetic dataset in the Kaggle layout to {out}")
 
@@ -115,7 +115,7 @@ def _sample(args) -> None:
         pairs=args.pairs, split=args.split, n_per_prompt=args.n_per_prompt, steps=args.steps,
         scheduler=args.scheduler, guidance=args.guidance, negative_prompt=args.negative_prompt,
         lora_scale=args.lora_scale, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
-        upscale=args.upscale, strict=args.strict or None, limit=args.limit,
+        upscale=args.upscale, strict=args.strict or None, limit=args.limit, overwrite=args.overwrite or None,
     )
     result = sample(cfg)
     print(f"{result.generated} images generated, {result.skipped} already there; "
@@ -125,7 +125,8 @@ def _sample(args) -> None:
 def _synthesize(args) -> None:
     from .sample import synthesize
 
-    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size)
+    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size,
+                     overwrite=args.overwrite)
     print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
 
 
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="typical long side of the PNGs in px (default 512)")
     p.add_argument("--broken-images", type=int, help="listed images made missing/unreadable (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.set_defaults(func=_synth)
 
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=int, help="also write upscaled copies of this size, e.g. 512")
     p.add_argument("--strict", action="store_true", help="refuse prompts over 77 CLIP tokens")
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("synthesize", help="a synthetic dataset from a spec, in the Kaggle layout")
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="overrides the spec's model")
     p.add_argument("--lora", help="overrides the spec's LoRA")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("evaluate", help="FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit")

@@ -118,6 +118,7 @@ class SynthConfig(Checked):
     seed: int = setting(0, min=0)
     image_size: int = setting(512, min=64)  # typical long side of the PNGs in px (the real ones are ~2,000)
     broken_images: int = setting(2, min=0)  # listed images made absent / truncated, to exercise prepare's checks
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 @dataclass
@@ -189,6 +190,7 @@ class TrainConfig(Checked):
     validation_prompts: tuple[str, ...] = ()  # () = the most common test-split prompts
     validation_seeds: tuple[int, ...] = (0, 1)
     validation_steps: int = setting(20, min=1)  # sampler steps for validation images
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 @dataclass
@@ -215,6 +217,7 @@ class SampleConfig(Checked):
     strict: bool = False  # refuse prompts over 77 CLIP tokens instead of truncating them
     limit: int | None = setting(None, min=1)  # only the first N prompts
     prompts: list[str] = field(default_factory=list)  # prompts given directly (the notebooks, synthesize)
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
 from .errors import CxrError
 from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
+from .ownership import claim
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("dpm++", "ddim", "pndm", "euler")
@@ -160,6 +161,20 @@ def _settings(cfg: SampleConfig) -> dict:
     return {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
 
 
+def sample_identity(cfg: SampleConfig) -> dict:
+    """What the images in a sample folder depend on (not n_per_prompt or limit: image k of
+    prompt i is the same whatever they are)."""
+    from dataclasses import replace
+
+    from .ownership import file_digest, model_fingerprint, text_digest
+
+    identity = _settings(cfg)
+    identity["prompts"] = text_digest(read_prompts(replace(cfg, limit=None)))
+    identity["model_files"] = model_fingerprint(cfg.model)
+    identity["lora_weights"] = file_digest(check_lora_dir(cfg.lora) / LORA_WEIGHTS)[:20] if cfg.lora else ""
+    return identity
+
+
 @dataclass
 class SampleResult:
     out: Path
@@ -174,12 +189,9 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     prompts = read_prompts(cfg)
     out = Path(cfg.out)
     settings_file = out / "sample_config.json"
-    if settings_file.is_file():
-        before = read_json(settings_file).get("settings", {})
-        differ = [k for k in IMAGE_SETTINGS if k in before and before[k] != _settings(cfg)[k]]
-        if differ:
-            raise CxrError(f"{out} already holds samples made with different {', '.join(differ)} "
-                           f"({', '.join(f'{k}={before[k]!r}' for k in differ)}); use another --out or delete it")
+    # The folder's owner: images already there are kept only when made from the same prompts
+    # (all of them, before --limit, so a larger --limit continues), model, LoRA and settings.
+    claim(out, "sample", sample_identity(cfg), cfg.overwrite)
     if pipe is None:
         pipe = load_sampling_pipeline(cfg.model, cfg.lora or None,
                                       device="cuda" if torch.cuda.is_available() else None)
@@ -378,14 +390,22 @@ def expand_spec(spec: dict) -> list[tuple[str, str]]:
 
 
 def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None, lora: str | None = None,
-               pipe=None, batch_size: int = 8, progress: bool = True) -> Path:
+               pipe=None, batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> Path:
     """Images for a spec, written as a dataset in the Kaggle layout (one report + one frontal
-    film per image), marked synthetic, so that prepare (and any IU X-ray loader) reads it."""
+    film per image), marked synthetic, so that prepare (and any IU X-ray loader) reads it.
+
+    It writes only into a folder it made from the same spec, model and LoRA (a rerun continues);
+    any other dataset there is refused, or moved aside first with overwrite=True."""
+    from .ownership import file_digest, model_fingerprint
+
     spec = read_spec(spec_path)
     model = model or spec.get("model") or SD15_MODEL_ID
     lora = lora if lora is not None else spec.get("lora", "")
     jobs = expand_spec(spec)
     out = Path(out)
+    claim(out, "synthesize", {"spec": spec, "model": model, "lora": lora or "", "model_files": model_fingerprint(model),
+                              "lora_weights": file_digest(check_lora_dir(lora) / LORA_WEIGHTS)[:20] if lora else ""},
+          overwrite)
     uid_start = int(spec.get("uid_start", 100000))  # far from the real uids, so the sets can be merged
     cfg = SampleConfig(model=model, lora=lora or "", out=str(out / "generated"), prompts=[p for p, _ in jobs],
                        seed=int(spec.get("seed", 0)), steps=int(spec.get("steps", 20)),
