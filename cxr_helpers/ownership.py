@@ -113,6 +113,11 @@ def claim(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool
     return "new"
 
 
+def record_owner(folder: str | os.PathLike, stage: str, identity: dict) -> None:
+    """Record `stage` with `identity` as the folder's owner (after the caller's own checks)."""
+    _write(Path(folder), stage, _normal(identity))
+
+
 def _write(folder: Path, stage: str, identity: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -68,15 +68,24 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
                            f"{str(exc).splitlines()[0][:200]}; pass the --model it was trained on") from None
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
+        # A LoRA trained for another target (v_prediction) is sampled with that target.
+        trained_for = _lora_info(lora_dir).get("prediction_type")
+        if trained_for and trained_for != pipe.scheduler.config.get("prediction_type"):
+            pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=trained_for)
     return pipe
 
 
-def _lora_base(lora_dir: Path) -> str | None:
-    config = lora_dir / "config.json"
+def _lora_info(lora_dir: Path) -> dict:
+    """The LoRA's config.json (written by train), or {} when absent or unreadable."""
     try:
-        return read_json(config).get("base_model") if config.is_file() else None
+        info = read_json(lora_dir / "config.json")
     except (ValueError, OSError):
-        return None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _lora_base(lora_dir: Path) -> str | None:
+    return _lora_info(lora_dir).get("base_model")
 
 
 def set_scheduler(pipe, name: str):
