@@ -6,6 +6,7 @@ Mistakes the user can fix print one sentence and exit with status 2 (no tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -290,12 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The disk or the folder, not the code: a read-only or full --out, a path that is a file.
+        if exc.errno not in _USER_FIXABLE_ERRNOS:
+            raise
+        print(f"error: could not write {exc.filename or 'an output file'} ({exc.strerror}); free space or pass "
+              "a writable --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; files already written are complete (writes are atomic)", file=sys.stderr)

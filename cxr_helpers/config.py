@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
-from .io import library_versions, read_json, write_json
+from .io import library_versions, read_json, read_user_json, write_json
 
 SD15_MODEL_ID = "runwayml/stable-diffusion-v1-5"
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
@@ -357,7 +357,8 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
 
 
 def load_config(cls: type[C], path: str | Path) -> C:
-    payload = read_json(path)
-    if payload.get("stage") != cls.STAGE:
-        raise CxrError(f"{path} holds a {payload.get('stage')!r} config, not a {cls.STAGE!r} one")
+    payload = read_user_json(path, "config file", f"pass a {cls.STAGE}_config.json written by the stage")
+    if not isinstance(payload, dict) or payload.get("stage") != cls.STAGE or not isinstance(payload.get("config"), dict):
+        stage = payload.get("stage") if isinstance(payload, dict) else None
+        raise CxrError(f"{path} holds a {stage!r} config, not a {cls.STAGE!r} one; pass a {cls.STAGE}_config.json")
     return stage_config(cls, **payload["config"])

@@ -145,7 +145,11 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise CxrError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CxrError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise CxrError(f"prompt file {path} holds no prompts; write one prompt per line")
     elif cfg.pairs:

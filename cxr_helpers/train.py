@@ -576,8 +576,12 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         enc = load_or_build_encodings(cfg, pairs, data_dir, cache_dir, tokenizer, text_encoder, vae, device,
                                       weight_dtype, progress and accelerator.is_local_main_process)
 
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
-                                target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
+    try:
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
+    except ValueError:  # peft: "Target modules {...} not found in the base model"
+        raise CxrError(f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
+                       "use the attention projections to_k, to_q, to_v, to_out.0") from None
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)  # fp32 LoRA under fp16 autocast
     if cfg.gradient_checkpointing:
