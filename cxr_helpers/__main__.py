@@ -6,6 +6,7 @@ Mistakes the user can fix print one sentence and exit with status 2 (no tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def _synth(args) -> None:
     from .synthetic import make_synthetic_dataset
 
     cfg = stage_config(SynthConfig, args.preset, out=args.out, reports=args.reports, seed=args.seed,
-                       image_size=args.image_size, broken_images=args.broken_images)
+                       image_size=args.image_size, broken_images=args.broken_images, overwrite=args.overwrite or None)
     out = make_synthetic_dataset(cfg)
     print(f"wrote a synthetic dataset in the Kaggle layout to {out}")
 
@@ -115,7 +116,7 @@ def _sample(args) -> None:
         pairs=args.pairs, split=args.split, n_per_prompt=args.n_per_prompt, steps=args.steps,
         scheduler=args.scheduler, guidance=args.guidance, negative_prompt=args.negative_prompt,
         lora_scale=args.lora_scale, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
-        upscale=args.upscale, strict=args.strict or None, limit=args.limit,
+        upscale=args.upscale, strict=args.strict or None, limit=args.limit, overwrite=args.overwrite or None,
     )
     result = sample(cfg)
     print(f"{result.generated} images generated, {result.skipped} already there; "
@@ -125,7 +126,8 @@ def _sample(args) -> None:
 def _synthesize(args) -> None:
     from .sample import synthesize
 
-    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size)
+    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size,
+                     overwrite=args.overwrite)
     print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
 
 
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="typical long side of the PNGs in px (default 512)")
     p.add_argument("--broken-images", type=int, help="listed images made missing/unreadable (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.add_argument("--preset", choices=PRESET_CHOICES)
     p.set_defaults(func=_synth)
 
@@ -255,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=int, help="also write upscaled copies of this size, e.g. 512")
     p.add_argument("--strict", action="store_true", help="refuse prompts over 77 CLIP tokens")
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("synthesize", help="a synthetic dataset from a spec, in the Kaggle layout")
@@ -263,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="overrides the spec's model")
     p.add_argument("--lora", help="overrides the spec's LoRA")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
     p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("evaluate", help="FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit")
@@ -301,12 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The disk or the folder, not the code: a read-only or full --out, a path that is a file.
+        if exc.errno not in _USER_FIXABLE_ERRNOS:
+            raise
+        print(f"error: could not write {exc.filename or 'an output file'} ({exc.strerror}); free space or pass "
+              "a writable --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; files already written are complete (writes are atomic)", file=sys.stderr)

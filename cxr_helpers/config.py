@@ -8,34 +8,124 @@ library versions, so that any output says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
-from .io import library_versions, on_kaggle, read_json, write_json
+from .io import library_versions, on_kaggle, read_json, read_user_json, write_json
 
 # The maintained copy of SD1.5 (same files and licence), the id diffusers' own docs use.
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Deleted from the hub in 2024; the seed and most tutorials still name it.
 RETIRED_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": SD15_MODEL_ID}
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
+VAE_WHY = "the VAE downsamples by 8"
+
+
+# ---------------------------------------------------------------- checked settings -----------
+# A setting's allowed values are declared with it (field metadata), and every config checks
+# itself when built (__post_init__): the CLI, the notebooks, saved configs and the presets all
+# pass through the same check.
+
+def setting(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
+            above: float | None = None, below: float | None = None, choices: tuple | None = None,
+            multiple_of: int | None = None, why: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its range: min/max inclusive, above/below exclusive."""
+    rules = {k: v for k, v in dict(min=min, max=max, above=above, below=below, choices=choices,
+                                   multiple_of=multiple_of).items() if v is not None}
+    return field(default=default, default_factory=default_factory, metadata={"rules": rules, "why": why})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):  # JSON gives lists for tuples; either is fine
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (tuple, list)) and all(_type_ok(v, item) for v in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _describe(args[0]) + " or none"
+    if typing.get_origin(hint) in (tuple, list):
+        return f"a list of {_KIND.get(args[0], 'values')} values"
+    return _KIND.get(hint, str(hint))
+
+
+def check_settings(cfg: Any) -> None:
+    """Types, finiteness and ranges of every field: one sentence naming the setting, else None."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), _flag(f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise CxrError(f"{flag} must be {_describe(hints[f.name])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CxrError(f"{flag} must be a finite number, got {value}")
+        rules, why = f.metadata.get("rules", {}), f.metadata.get("why", "")
+        why = f" ({why})" if why else ""
+        if value is None or not rules:
+            continue
+        if "choices" in rules and value not in rules["choices"]:
+            options = [repr(c) if c == "" else str(c) for c in rules["choices"]]
+            raise CxrError(f"{flag} {value!r} is not known; use {', '.join(options[:-1])} or {options[-1]}{why}")
+        if "multiple_of" in rules and (value < rules["multiple_of"] or value % rules["multiple_of"]):
+            raise CxrError(f"{flag} must be a positive multiple of {rules['multiple_of']}{why}, got {value}")
+        low, high = rules.get("min", rules.get("above")), rules.get("max", rules.get("below"))
+        too_low = ("min" in rules and value < rules["min"]) or ("above" in rules and value <= rules["above"])
+        too_high = ("max" in rules and value > rules["max"]) or ("below" in rules and value >= rules["below"])
+        if too_low or too_high:
+            lower = f"{'at least' if 'min' in rules else 'more than'} {low}" if low is not None else ""
+            upper = f"{'at most' if 'max' in rules else 'less than'} {high}" if high is not None else ""
+            raise CxrError(f"{flag} must be {' and '.join(b for b in (lower, upper) if b)}{why}, got {value}")
+
+
+class Checked:
+    """Mixin: a stage config checks its settings when built (and when `replace`d)."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Checked):
     """`synth`: a procedural dataset in the exact Kaggle layout."""
 
     STAGE: ClassVar[str] = "synth"
     out: str = "synthetic_data"
-    reports: int = 400  # number of reports (the real data has 3,955)
-    seed: int = 0
-    image_size: int = 512  # typical long side of the PNGs in px (the real ones are ~2,000)
-    broken_images: int = 2  # listed images made absent / truncated, to exercise prepare's checks
+    reports: int = setting(400, min=1)  # number of reports (the real data has 3,955)
+    seed: int = setting(0, min=0)
+    image_size: int = setting(512, min=64)  # typical long side of the PNGs in px (the real ones are ~2,000)
+    broken_images: int = setting(2, min=0)  # listed images made absent / truncated, to exercise prepare's checks
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 @dataclass
-class TinyModelConfig:
+class TinyModelConfig(Checked):
     """`tiny-model`: a small SD-shaped pipeline in diffusers' on-disk layout."""
 
     STAGE: ClassVar[str] = "tiny_model"
@@ -44,28 +134,28 @@ class TinyModelConfig:
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Checked):
     """`prepare`: Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json."""
 
     STAGE: ClassVar[str] = "prepare"
     data_dir: str = ""  # "" = the Kaggle mount when on Kaggle
     out: str = "data"
     tokenizer: str = SD15_MODEL_ID  # hub id or local dir of a diffusers model (or a tokenizer dir)
-    split: str = "patient"  # "patient": grouped by uid (no leak); "image": the seed's random split
-    test_fraction: float = 0.2
-    seed: int = 0
-    projection: str = "both"  # both | frontal | lateral
-    limit: int | None = None  # only the first N images (sorted by uid), for quick runs
+    split: str = setting("patient", choices=("patient", "image"), why="patient: no leak; image: the seed's")  # "patient": grouped by uid (no leak); "image": the seed's random split
+    test_fraction: float = setting(0.2, above=0.0, below=1.0)
+    seed: int = setting(0, min=0)
+    projection: str = setting("both", choices=("both", "frontal", "lateral"))  # both | frontal | lateral
+    limit: int | None = setting(None, min=1)  # only the first N images (sorted by uid), for quick runs
     clean_prompts: bool = False  # strip XXXX marks, list numbers, stray punctuation
-    max_tokens: int = CLIP_MAX_TOKENS
-    workers: int = 8  # threads for the image header checks (I/O bound)
+    max_tokens: int = setting(CLIP_MAX_TOKENS, min=3, why="start, one word, end")
+    workers: int = setting(8, min=1)  # threads for the image header checks (I/O bound)
 
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet's attention projections
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """`train`: LoRA on the UNet, VAE and text encoder frozen, on cached latents and embeddings."""
 
     STAGE: ClassVar[str] = "train"
@@ -74,39 +164,40 @@ class TrainConfig:
     model: str = SD15_MODEL_ID  # hub id or local diffusers dir
     out: str = "train"
     cache_dir: str = ""  # "" = OUT/cache (on Kaggle: /tmp, outside the output); latents, embeddings, resized images
-    resolution: int = 128
-    fit: str = "stretch"  # stretch (the seed) | pad | crop
-    batch_size: int = 4  # per process (per GPU)
-    grad_accum: int = 1
-    max_steps: int = 1000  # optimizer steps
-    epochs: float | None = None  # if set, overrides max_steps
-    learning_rate: float = 1e-4
+    resolution: int = setting(128, multiple_of=8, why=VAE_WHY)
+    fit: str = setting("stretch", choices=("stretch", "pad", "crop"))  # stretch (the seed) | pad | crop
+    batch_size: int = setting(4, min=1)  # per process (per GPU)
+    grad_accum: int = setting(1, min=1)
+    max_steps: int = setting(1000, min=1)  # optimizer steps
+    epochs: float | None = setting(None, above=0)  # if set, overrides max_steps
+    learning_rate: float = setting(1e-4, above=0)
     lr_scheduler: str = "constant"  # any diffusers.optimization name: constant, cosine, linear...
-    lr_warmup_steps: int = 0
-    rank: int = 4
-    alpha: float | None = None  # None = rank (scale 1)
+    lr_warmup_steps: int = setting(0, min=0)
+    rank: int = setting(4, min=1)
+    alpha: float | None = setting(None, above=0)  # None = rank (scale 1)
     target_modules: tuple[str, ...] = LORA_TARGETS
-    lora_dropout: float = 0.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    snr_gamma: float | None = None  # min-SNR weighting (5.0 is the usual value)
-    noise_offset: float = 0.0
-    prediction_type: str = ""  # "" = the scheduler's (SD1.5: epsilon) | epsilon | v_prediction
+    lora_dropout: float = setting(0.0, min=0.0, below=1.0)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16
+    snr_gamma: float | None = setting(None, above=0)  # min-SNR weighting (5.0 is the usual value)
+    noise_offset: float = setting(0.0, min=0.0)
+    prediction_type: str = setting("", choices=("", "epsilon", "v_prediction"))  # "" = the scheduler's (SD1.5: epsilon) | epsilon | v_prediction
     gradient_checkpointing: bool = False
     random_flip: bool = False  # both flips are cached, so flipping costs nothing per step
-    seed: int = 0
-    max_grad_norm: float = 1.0
-    weight_decay: float = 1e-2
-    checkpoint_every: int = 500  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
+    seed: int = setting(0, min=0)
+    max_grad_norm: float = setting(1.0, above=0)
+    weight_decay: float = setting(1e-2, min=0)
+    checkpoint_every: int = setting(500, min=0)  # steps; 0 = only at the end
+    keep_checkpoints: int = setting(2, min=1)
     resume: str = ""  # "" | latest | a checkpoint dir
-    validation_every: int = 0  # steps; 0 = with every checkpoint (and at the end)
+    validation_every: int = setting(0, min=0)  # steps; 0 = with every checkpoint (and at the end)
     validation_prompts: tuple[str, ...] = ()  # () = the most common test-split prompts
     validation_seeds: tuple[int, ...] = (0, 1)
-    validation_steps: int = 20  # sampler steps for validation images
+    validation_steps: int = setting(20, min=1)  # sampler steps for validation images
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Checked):
     """`sample`: prompts -> PNGs + metadata.csv."""
 
     STAGE: ClassVar[str] = "sample"
@@ -115,25 +206,26 @@ class SampleConfig:
     out: str = "samples"
     prompts_file: str = ""  # one prompt per line
     pairs: str = ""  # or: the prompts of a pairs.csv split
-    split: str = "test"
-    n_per_prompt: int = 1
-    steps: int = 20
-    scheduler: str = "dpm++"
-    guidance: float = 7.5
+    split: str = setting("test", choices=("train", "test"))
+    n_per_prompt: int = setting(1, min=1)
+    steps: int = setting(20, min=1)
+    scheduler: str = setting("dpm++", choices=("dpm++", "ddim", "pndm", "euler"))
+    guidance: float = setting(7.5, min=0)
     negative_prompt: str = ""
-    lora_scale: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    resolution: int = 128
-    upscale: int = 0  # also write a copy upscaled to this size (0 = none)
+    lora_scale: float = 1.0  # any finite value (0 = the base model)
+    batch_size: int = setting(8, min=1)
+    seed: int = setting(0, min=0)
+    resolution: int = setting(128, multiple_of=8, why=VAE_WHY)
+    upscale: int = setting(0, min=0)  # also write a copy upscaled to this size (0 = none)
     strict: bool = False  # refuse prompts over 77 CLIP tokens instead of truncating them
-    limit: int | None = None  # only the first N prompts
+    limit: int | None = setting(None, min=1)  # only the first N prompts
     prompts: list[str] = field(default_factory=list)  # prompts given directly (the notebooks, synthesize)
+    overwrite: bool = False  # the folder holds another run's output: move it aside first (else refused)
 
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """`evaluate`: real test images vs generated sets -> metrics.json / metrics.csv, audit, figures."""
 
     STAGE: ClassVar[str] = "evaluate"
@@ -142,22 +234,22 @@ class EvalConfig:
     generated: tuple[str, ...] = ()  # sample dirs (with metadata.csv), each DIR or NAME=DIR
     out: str = "eval"
     metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
-    feature_net: str = "inception"  # inception (torch-fidelity's FID network) | standin (offline tests only)
+    feature_net: str = setting("inception", choices=("inception", "standin"))  # inception (torch-fidelity's FID network) | standin (offline tests only)
     feature_weights: str = ""  # local file of the Inception FID weights (weights-inception-2015-12-05-6726825d.pth)
     xrv_weights: str = ""  # XRV densenet121-res224-all: a .safetensors file, or a folder holding its release file
-    n: int | None = None  # at most N images per set (same N for every set compared)
+    n: int | None = setting(None, min=2)  # at most N images per set (same N for every set compared)
     real_floor: bool = True  # also score real train images against the real test images
-    bootstrap: int = 200  # resamples for FID's confidence interval (0 = none)
-    kid_subset: int = 1000  # lowered to the smallest set's size, with a note
-    is_splits: int = 10
-    prdc_k: int = 5
-    audit_pixel_threshold: float = 0.95  # Pearson correlation of 128 px pixels
-    audit_cosine_threshold: float = 0.99  # cosine of feature vectors
-    resolution: int = 128
-    fit: str = "stretch"
+    bootstrap: int = setting(200, min=0)  # resamples for FID's confidence interval (0 = none)
+    kid_subset: int = setting(1000, min=2, why="KID compares pairs within a subset")  # lowered to the smallest set's size, with a note
+    is_splits: int = setting(10, min=1)
+    prdc_k: int = setting(5, min=1)
+    audit_pixel_threshold: float = setting(0.95, min=-1.0, max=1.0)  # Pearson correlation of 128 px pixels
+    audit_cosine_threshold: float = setting(0.99, min=-1.0, max=1.0)  # cosine of feature vectors
+    resolution: int = setting(128, min=8)
+    fit: str = setting("stretch", choices=("stretch", "pad", "crop"))
     cache_dir: str = ""  # "" = OUT/cache (on Kaggle: /tmp, outside the output); real-image features, resized images
-    seed: int = 0
-    batch_size: int = 32
+    seed: int = setting(0, min=0)
+    batch_size: int = setting(32, min=1)
 
 
 STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig,
@@ -284,7 +376,8 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
 
 
 def load_config(cls: type[C], path: str | Path) -> C:
-    payload = read_json(path)
-    if payload.get("stage") != cls.STAGE:
-        raise CxrError(f"{path} holds a {payload.get('stage')!r} config, not a {cls.STAGE!r} one")
+    payload = read_user_json(path, "config file", f"pass a {cls.STAGE}_config.json written by the stage")
+    if not isinstance(payload, dict) or payload.get("stage") != cls.STAGE or not isinstance(payload.get("config"), dict):
+        stage = payload.get("stage") if isinstance(payload, dict) else None
+        raise CxrError(f"{path} holds a {stage!r} config, not a {cls.STAGE!r} one; pass a {cls.STAGE}_config.json")
     return stage_config(cls, **payload["config"])

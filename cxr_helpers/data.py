@@ -31,8 +31,8 @@ IMAGES_SUBDIR = Path("images") / "images_normalized"
 REPORT_COLUMNS_NEEDED = ("uid", "impression")
 PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
 PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
-EXCLUSION_REASONS = ("no_report", "other_projection", "empty_impression", "too_long",
-                     "missing_image", "unreadable_image")
+EXCLUSION_REASONS = ("duplicate_row", "no_report", "other_projection", "empty_impression", "too_long",
+                     "outside_data_dir", "missing_image", "unreadable_image")
 SPLITS = ("patient", "image")
 PROJECTIONS = {"both": ("Frontal", "Lateral"), "frontal": ("Frontal",), "lateral": ("Lateral",)}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +85,7 @@ def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
     if missing:
         raise CxrError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
                        f"{', '.join(frame.columns)}); use the Kaggle dataset's original file")
-    bad_uid = pd.to_numeric(frame["uid"], errors="coerce").isna()
+    bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")  # "1.5", "", "abc": not a report number
     if bad_uid.any():
         raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
                        f"{int(np.flatnonzero(bad_uid)[0]) + 2}; fix or remove that row")
@@ -106,6 +106,22 @@ def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
 
 def image_path(data_dir: str | os.PathLike, filename: str) -> Path:
     return Path(data_dir) / IMAGES_SUBDIR / filename
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path | None:
+    """folder/name when it resolves (symlinks and `..` followed) to a place under folder, else
+    None: a file named in a CSV ("../../x.png", "/etc/x.png") must not reach outside its folder."""
+    root = Path(folder).resolve()
+    try:
+        path = (root / str(name)).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if path != root and path.is_relative_to(root) else None
+
+
+def contained_image_path(data_dir: str | os.PathLike, filename: str) -> Path | None:
+    """image_path, or None when the filename points outside the dataset's image folder."""
+    return image_path(data_dir, filename) if inside(Path(data_dir) / IMAGES_SUBDIR, filename) else None
 
 
 # ---------------------------------------------------------------- prompts --------------------
@@ -165,8 +181,8 @@ def inspect_image(path: Path) -> tuple[str | None, int, int]:
                 handle.seek(max(0, size - 12))
                 if not handle.read(12).endswith(_PNG_TRAILER):
                     return "unreadable_image", width, height
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return "unreadable_image", 0, 0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable_image", 0, 0  # a decompression bomb (a huge header) is not a film either
     if width <= 0 or height <= 0:
         return "unreadable_image", 0, 0
     return None, width, height
@@ -254,13 +270,6 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
     from .models import load_tokenizer
 
-    if cfg.projection not in PROJECTIONS:
-        raise CxrError(f"--projection {cfg.projection!r} is not known; use both, frontal or lateral")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise CxrError(f"--limit must be at least 1, got {cfg.limit}")
-    if cfg.max_tokens < 3:
-        raise CxrError(f"max_tokens must be at least 3 (start, one word, end), got {cfg.max_tokens}")
-    check_split(cfg.split, cfg.test_fraction)  # before any work
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
     if tokenizer is None:
@@ -269,7 +278,13 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     images = projections[list(PROJECTION_COLUMNS_NEEDED)].sort_values(["uid", "filename"], kind="stable")
     if cfg.limit is not None:
         images = images.head(cfg.limit)
-    reports = reports.drop_duplicates("uid")
+    images = images.reset_index(drop=True)
+    # One film is one pair: a file listed twice would train twice. The first listing (by uid,
+    # then file order) is kept, the others are excluded as duplicate_row.
+    duplicate = images.duplicated("filename", keep="first")
+    # A uid with several report rows: the first row in the file is the report (counted in the summary).
+    duplicate_reports = int(reports.duplicated("uid").sum())
+    reports = reports.drop_duplicates("uid", keep="first")
     table = images.merge(reports[["uid", "impression"]], on="uid", how="left", indicator=True)
     table["prompt"] = table["impression"].fillna("").map(collapse_whitespace)
     if cfg.clean_prompts:
@@ -279,13 +294,20 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
 
     # The first reason that applies, in the order of EXCLUSION_REASONS.
     reason = pd.Series("", index=table.index, dtype=object)
+    reason[duplicate.to_numpy()] = "duplicate_row"
     wanted = table["projection"].isin(PROJECTIONS[cfg.projection])
     reason[(reason == "") & (table["_merge"] == "left_only")] = "no_report"
     reason[(reason == "") & ~wanted] = "other_projection"
     reason[(reason == "") & (table["prompt"] == "")] = "empty_impression"
     reason[(reason == "") & (table["n_tokens"] > cfg.max_tokens)] = "too_long"
+    # A filename that leads outside the image folder is never opened.
+    paths = [contained_image_path(data_dir, f) for f in table["filename"]]
+    outside = pd.Series([p is None for p in paths], index=table.index)
+    reason[(reason == "") & outside] = "outside_data_dir"
     # Images are checked for every listed file (headers only), so the summary counts them all.
-    checks = inspect_images([image_path(data_dir, f) for f in table["filename"]], cfg.workers, progress)
+    checks = inspect_images([p for p in paths if p is not None], cfg.workers, progress)
+    checks_iter = iter(checks)
+    checks = [("", 0, 0) if p is None else next(checks_iter) for p in paths]
     problem = pd.Series([c[0] or "" for c in checks], index=table.index, dtype=object)
     table["width"] = [c[1] for c in checks]
     table["height"] = [c[2] for c in checks]
@@ -295,9 +317,16 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     pairs = table[table["reason"] == ""].drop(columns=["reason", "impression", "_merge"]).reset_index(drop=True)
     pairs["split"] = split_pairs(pairs, cfg.split, cfg.test_fraction, cfg.seed)
     pairs = pairs[list(PAIRS_COLUMNS)]
+    sides = {s: int((pairs["split"] == s).sum()) for s in ("train", "test")}
+    empty = [s for s, n in sides.items() if n == 0]
+    if empty:  # nothing is written: an empty side would fail later, in train or evaluate
+        raise CxrError(f"the {cfg.split} split of {len(pairs)} pairs with --test-fraction {cfg.test_fraction} leaves "
+                       f"no {empty[0]} pairs; {'lower' if empty[0] == 'train' else 'raise'} --test-fraction"
+                       + (" or use more data (--limit, more reports)" if len(pairs) < 10 else ""))
     excluded = table[table["reason"] != ""][["uid", "filename", "projection", "reason", "n_tokens"]].reset_index(drop=True)
 
     summary = summarize(pairs, excluded, table, reports, problem, cfg)
+    summary["duplicate_report_rows"] = duplicate_reports
     out = Path(cfg.out)
     write_csv(out / "pairs.csv", pairs)
     write_csv(out / "excluded.csv", excluded)
@@ -344,11 +373,27 @@ def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFram
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"pairs file {path} does not exist; run `python -m cxr_helpers prepare` first")
-    frame = pd.read_csv(path, dtype={"filename": str, "prompt": str, "split": str}, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CxrError(f"{path} is not a readable CSV ({exc.__class__.__name__}); it must be a pairs.csv "
+                       "written by `python -m cxr_helpers prepare`") from None
     missing = [c for c in PAIRS_REQUIRED if c not in frame.columns]
     if missing:
         raise CxrError(f"{path} lacks the column(s) {', '.join(missing)}; it must be a pairs.csv "
                        "written by `python -m cxr_helpers prepare`")
+    bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")
+    if bad_uid.any():
+        raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
+                       f"{int(np.flatnonzero(bad_uid)[0]) + 2}; re-run prepare")
+    frame["uid"] = frame["uid"].astype(int)
+    for column in ("n_tokens", "width", "height"):  # numbers in pairs.csv, when present
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    labels = sorted(set(frame["split"]) - {"train", "test"})
+    if labels:  # silently dropping them would shrink both sides
+        raise CxrError(f"{path} has split label(s) {', '.join(map(repr, labels))}; only train and test are "
+                       "known: fix those rows or re-run prepare")
     if split is not None:
         if split not in ("train", "test"):
             raise CxrError(f"split {split!r} is not known; use train or test")
@@ -433,15 +478,18 @@ class ChestXrayDataset:
         return self.cache_dir / f"{source.name.split('.')[0]}-{digest}.png"
 
     def is_cached(self, index: int) -> bool:
-        source = image_path(self.data_dir, self.pairs.at[index, "filename"])
-        if self.cache_dir is None or not source.is_file():
+        source = contained_image_path(self.data_dir, self.pairs.at[index, "filename"])
+        if self.cache_dir is None or source is None or not source.is_file():
             return False
         return self._cache_path(source).is_file()
 
     def load_image(self, index: int) -> Image.Image:
         """The resized 8-bit grayscale image of pair `index` (from the cache when there)."""
         filename = self.pairs.at[index, "filename"]
-        source = image_path(self.data_dir, filename)
+        source = contained_image_path(self.data_dir, filename)
+        if source is None:
+            raise CxrError(f"pairs.csv names {filename!r}, which lies outside {self.data_dir / IMAGES_SUBDIR}; "
+                           "re-run prepare (it excludes such rows as outside_data_dir)")
         if not source.is_file():
             raise CxrError(f"image {source} is missing; re-run prepare so it goes to excluded.csv")
         cached = self._cache_path(source)
@@ -450,7 +498,7 @@ class ChestXrayDataset:
                 return im.convert("L")
         try:
             small = resize_xray(_decode_full_image(source), self.resolution, self.fit)
-        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
             raise CxrError(f"image {source} could not be decoded ({exc}); remove it from pairs.csv "
                            "or replace the file") from None
         if cached is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -180,12 +181,35 @@ def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def read_tensors_only(path: Path, allowed_classes=(), what: str = "weights file") -> object:
+    """torch.load with torch's tensors-only unpickler, the given module classes allowed: their
+    state is set without running any constructor or other code, so a crafted file cannot run
+    code. A file that needs anything else is refused in one sentence naming what it needs."""
+    import pickle
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    context = safe_globals(list(allowed_classes)) if safe_globals and allowed_classes else contextlib.nullcontext()
+    try:
+        with context:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message is a page about weights_only: name the culprit
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        needs = f" (it needs {found.group(1)})" if found else ""
+        raise CxrError(f"{what} {path} is not plain tensors{needs}; not unpickling it: use the official "
+                       f"release file or a .safetensors state dict") from None
+    except Exception as exc:  # truncated, not a torch file at all
+        raise CxrError(f"{what} {path} could not be read as tensors ({exc.__class__.__name__}: "
+                       f"{str(exc).splitlines()[0][:100] if str(exc) else 'no detail'}); re-download it") from None
+
+
 class XRVFeatures(nn.Module):
     """torchxrayvision's DenseNet-121 (all datasets, 224 px): 1024-d features, as RoentGen's
     domain FID. Grayscale in [-1024, 1024].
 
-    weights: "" = torchxrayvision's own file (its cache, else downloaded); a directory = a cache
-    dir holding that release file; a .safetensors file = a state dict of the same network."""
+    weights: "" = torchxrayvision's release file (its cache, else downloaded); a directory = a
+    folder holding that release file; a file = the release file itself or a .safetensors state
+    dict. Nothing is unpickled: the project builds the DenseNet and reads only tensors into it
+    (torchxrayvision's own loader would unpickle the release file with weights_only=False)."""
 
     name = f"torchxrayvision {XRV_WEIGHTS_NAME}"
     key = "xrv-densenet121-res224-all"
@@ -195,32 +219,57 @@ class XRVFeatures(nn.Module):
         with warnings.catch_warnings():  # its import silences every warning process-wide; keep that local
             import torchxrayvision as xrv  # raises ImportError when absent: the caller skips the metric
 
+        self.net = xrv.models.DenseNet(weights=None, op_threshs=None)
         path = Path(weights).expanduser() if weights else None
-        if path is not None and path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            self.net = xrv.models.DenseNet(weights=None, op_threshs=None)
-            state = {k: v for k, v in load_file(str(path)).items() if k != "op_threshs"}  # a buffer, not weights
-            try:
-                self.net.load_state_dict(state)
-            except Exception as exc:
-                raise CxrError(f"--xrv-weights {path} is not a state dict of torchxrayvision's DenseNet-121 "
-                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:100]})") from None
+        if path is not None and not path.exists():
+            raise CxrError(f"--xrv-weights {path} does not exist; pass the folder that holds {XRV_WEIGHTS_FILE} "
+                           f"(download {XRV_WEIGHTS_URL}) or a .safetensors state dict")
+        if path is not None and path.is_file():
+            local = path
         else:
             cache = path if path is not None else Path(xrv.utils.get_cache_dir()).expanduser()
-            if path is not None and not path.is_dir():
-                raise CxrError(f"--xrv-weights {path} is neither a .safetensors file nor a folder; pass the folder "
-                               f"that holds {XRV_WEIGHTS_FILE}")
             local = cache / XRV_WEIGHTS_FILE
-            # The release file is a pickled model that torchxrayvision itself loads, as after its own
-            # download; only that exact file name is used.
-            if not local.is_file() and (path is not None or not _github_reachable()):
-                raise CxrError(f"the torchxrayvision weights {XRV_WEIGHTS_FILE} are not in {cache} and "
-                               f"there is no internet: download {XRV_WEIGHTS_URL} into that folder")
-            with contextlib.redirect_stdout(sys.stderr):  # its download messages are prints
-                self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS_NAME, cache_dir=str(cache))
+            if not local.is_file():
+                if path is not None or not _github_reachable():
+                    raise CxrError(f"the torchxrayvision weights {XRV_WEIGHTS_FILE} are not in {cache} and "
+                                   f"there is no internet: download {XRV_WEIGHTS_URL} into that folder")
+                with contextlib.redirect_stdout(sys.stderr):  # its download messages are prints
+                    local = Path(xrv.models.get_weights(XRV_WEIGHTS_NAME, str(cache)))
+        self.net.load_state_dict(self._state_dict(local, xrv))
         self.num_features = 1024
         self.eval()
+
+    def _state_dict(self, path: Path, xrv) -> dict:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(path))
+            except (SafetensorError, OSError) as exc:
+                raise CxrError(f"--xrv-weights {path} is not a readable .safetensors file ({exc}); re-download "
+                               f"or re-convert it") from None
+        else:
+            # The release file pickles a whole DenseNet: allow exactly the module classes that
+            # DenseNet is built of, so its tensors come out and nothing else can.
+            allowed = {type(module) for module in self.net.modules()}
+            state = read_tensors_only(path, sorted(allowed, key=str), "--xrv-weights")
+            if isinstance(state, nn.Module):
+                state = state.state_dict()
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CxrError(f"--xrv-weights {path} holds no state dict of tensors; use {XRV_WEIGHTS_URL}")
+        state = {k: v for k, v in state.items() if k != "op_threshs"}  # a buffer of thresholds, not weights
+        missing, unexpected = [], []
+        own = self.net.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                      else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}")
+            raise CxrError(f"--xrv-weights {path} is not a state dict of torchxrayvision's DenseNet-121 "
+                           f"({detail}); use {XRV_WEIGHTS_URL}")
+        return state
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +335,20 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
         raise CxrError(f"generated dir {folder} does not exist; make it with `python -m cxr_helpers sample`")
     if not meta_path.is_file():
         raise CxrError(f"generated dir {folder} has no metadata.csv; pass a folder written by `python -m cxr_helpers sample`")
-    meta = pd.read_csv(meta_path, keep_default_na=False)
+    from .data import inside
+
+    try:
+        meta = pd.read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CxrError(f"{meta_path} is not a readable CSV ({exc.__class__.__name__}); re-run sample into {folder}") from None
+    missing = [c for c in ("file", "prompt") if c not in meta.columns]
+    if missing:
+        raise CxrError(f"{meta_path} lacks the column(s) {', '.join(missing)}; pass a folder written by "
+                       "`python -m cxr_helpers sample`")
+    outside = [f for f in meta["file"] if inside(folder, f) is None]
+    if outside:  # a listed file must be one of the folder's own images, never something elsewhere
+        raise CxrError(f"{meta_path} names {outside[0]!r}, which lies outside {folder} "
+                       f"({len(outside)} such row(s)); list only files inside the folder")
     images, prompts, files, bad = [], [], [], 0
     for row in meta.itertuples():
         try:
@@ -295,7 +357,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
                 if im.size != (resolution, resolution):
                     im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                 images.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
             bad += 1
             continue
         prompts.append(row.prompt)
@@ -672,6 +734,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
                 raise
             notes.append(f"XRV DenseNet FID skipped: {exc}")
         except Exception as exc:  # its download failing
+            if cfg.xrv_weights:  # weights the user named must load
+                raise CxrError(f"--xrv-weights {cfg.xrv_weights} could not be loaded ({exc.__class__.__name__}); "
+                               f"download {XRV_WEIGHTS_URL}") from None
             notes.append(f"XRV DenseNet FID skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
                          f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
         else:

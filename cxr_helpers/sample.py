@@ -9,6 +9,7 @@ written as grayscale PNGs with a metadata.csv row each; a rerun skips what is al
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
 from .errors import CxrError
 from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
+from .ownership import claim
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("dpm++", "ddim", "pndm", "euler")
@@ -75,15 +77,24 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
                            f"{str(exc).splitlines()[0][:200]}; pass the --model it was trained on") from None
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
+        # A LoRA trained for another target (v_prediction) is sampled with that target.
+        trained_for = _lora_info(lora_dir).get("prediction_type")
+        if trained_for and trained_for != pipe.scheduler.config.get("prediction_type"):
+            pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=trained_for)
     return pipe
 
 
-def _lora_base(lora_dir: Path) -> str | None:
-    config = lora_dir / "config.json"
+def _lora_info(lora_dir: Path) -> dict:
+    """The LoRA's config.json (written by train), or {} when absent or unreadable."""
     try:
-        return read_json(config).get("base_model") if config.is_file() else None
+        info = read_json(lora_dir / "config.json")
     except (ValueError, OSError):
-        return None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _lora_base(lora_dir: Path) -> str | None:
+    return _lora_info(lora_dir).get("base_model")
 
 
 def set_scheduler(pipe, name: str):
@@ -143,7 +154,11 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise CxrError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CxrError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise CxrError(f"prompt file {path} holds no prompts; write one prompt per line")
     elif cfg.pairs:
@@ -159,22 +174,27 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 
 def validate(cfg: SampleConfig) -> None:
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise CxrError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
-    if cfg.n_per_prompt < 1:
-        raise CxrError(f"--n-per-prompt must be at least 1, got {cfg.n_per_prompt}")
-    if cfg.batch_size < 1:
-        raise CxrError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.steps < 1:
-        raise CxrError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise CxrError(f"--scheduler {cfg.scheduler!r} is not known; use {', '.join(SCHEDULERS)}")
+    """What the config's own check (config.check_settings) cannot see: settings together."""
     if cfg.upscale and cfg.upscale < cfg.resolution:
         raise CxrError(f"--upscale {cfg.upscale} is smaller than --resolution {cfg.resolution}; use 0 or a larger size")
 
 
 def _settings(cfg: SampleConfig) -> dict:
     return {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
+
+
+def sample_identity(cfg: SampleConfig) -> dict:
+    """What the images in a sample folder depend on (not n_per_prompt or limit: image k of
+    prompt i is the same whatever they are)."""
+    from dataclasses import replace
+
+    from .ownership import file_digest, model_fingerprint, text_digest
+
+    identity = _settings(cfg)
+    identity["prompts"] = text_digest(read_prompts(replace(cfg, limit=None)))
+    identity["model_files"] = model_fingerprint(cfg.model)
+    identity["lora_weights"] = file_digest(check_lora_dir(cfg.lora) / LORA_WEIGHTS)[:20] if cfg.lora else ""
+    return identity
 
 
 @dataclass
@@ -191,12 +211,9 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     prompts = read_prompts(cfg)
     out = Path(cfg.out)
     settings_file = out / "sample_config.json"
-    if settings_file.is_file():
-        before = read_json(settings_file).get("settings", {})
-        differ = [k for k in IMAGE_SETTINGS if k in before and before[k] != _settings(cfg)[k]]
-        if differ:
-            raise CxrError(f"{out} already holds samples made with different {', '.join(differ)} "
-                           f"({', '.join(f'{k}={before[k]!r}' for k in differ)}); use another --out or delete it")
+    # The folder's owner: images already there are kept only when made from the same prompts
+    # (all of them, before --limit, so a larger --limit continues), model, LoRA and settings.
+    claim(out, "sample", sample_identity(cfg), cfg.overwrite)
     if pipe is None:
         pipe = load_sampling_pipeline(cfg.model, cfg.lora or None)
     counts = token_counts(pipe.tokenizer, prompts)
@@ -304,20 +321,62 @@ def seed_grid(pipe, prompt: str, seeds=range(8), resolution: int = 128, steps: i
 
 # ---------------------------------------------------------------- synthetic export -----------
 
+# The spec's schema: what synthesize reads, nothing else (a misspelt key would be ignored silently).
+SPEC_SAMPLER_KEYS = ("model", "lora", "seed", "steps", "guidance", "resolution", "scheduler", "lora_scale")
+SPEC_KEYS = ("items", "uid_start", *SPEC_SAMPLER_KEYS)
+SPEC_ITEM_KEYS = ("prompt", "label", "templates", "count")
+
+
 def read_spec(path: str | Path) -> dict:
     """A synthesize spec (JSON): {"items": [{"prompt": ..., "count": N} |
     {"label": ..., "templates": [...], "count": N}], optional model, lora, seed, steps, guidance,
-    resolution, scheduler, lora_scale, uid_start}."""
+    resolution, scheduler, lora_scale, uid_start}, checked against that schema."""
     spec = read_user_json(path, "spec", "write a JSON file with an \"items\" list")
-    items = spec.get("items") if isinstance(spec, dict) else None
-    if not items:
-        raise CxrError(f"spec {path} has no \"items\"; list {{\"prompt\": TEXT, \"count\": N}} or "
+    return check_spec(spec, path)
+
+
+def check_spec(spec, path: str | Path = "spec") -> dict:
+    if not isinstance(spec, dict):
+        raise CxrError(f"spec {path} must be a JSON object with an \"items\" list, not a {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise CxrError(f"spec {path} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SPEC_KEYS)}")
+    items = spec.get("items")
+    if not isinstance(items, list) or not items:
+        raise CxrError(f"spec {path} has no \"items\" list; list {{\"prompt\": TEXT, \"count\": N}} or "
                        "{\"label\": NAME, \"templates\": [TEXT, ...], \"count\": N}")
     for i, item in enumerate(items, 1):
-        if not isinstance(item, dict) or not isinstance(item.get("count"), int) or item["count"] < 1:
+        if not isinstance(item, dict):
+            raise CxrError(f"spec item {i} must be an object like {{\"prompt\": TEXT, \"count\": N}}")
+        unknown = sorted(set(item) - set(SPEC_ITEM_KEYS))
+        if unknown:
+            raise CxrError(f"spec item {i} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SPEC_ITEM_KEYS)}")
+        count = item.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise CxrError(f"spec item {i} needs a positive integer \"count\"")
-        if not item.get("prompt") and not item.get("templates"):
-            raise CxrError(f"spec item {i} needs a \"prompt\" or a \"label\" with \"templates\"")
+        if ("prompt" in item) == ("templates" in item):
+            raise CxrError(f"spec item {i} needs a \"prompt\" or a \"label\" with \"templates\" (one of the two)")
+        if "prompt" in item and (not isinstance(item["prompt"], str) or not item["prompt"].strip()):
+            raise CxrError(f"spec item {i}: \"prompt\" must be non-empty text")
+        templates = item.get("templates", ["x"])
+        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
+            raise CxrError(f"spec item {i}: \"templates\" must be a list of non-empty texts, e.g. [\"Small left "
+                           "pleural effusion.\"]")
+        if not isinstance(item.get("label", ""), str):
+            raise CxrError(f"spec item {i}: \"label\" must be text")
+    uid_start = spec.get("uid_start", 100000)
+    if not isinstance(uid_start, int) or isinstance(uid_start, bool) or uid_start < 1:
+        raise CxrError(f"spec {path}: \"uid_start\" must be a positive integer, got {uid_start!r}")
+    # The sampler settings get the same check as `sample`'s own (types, ranges, finiteness).
+    try:
+        SampleConfig(**{k: spec[k] for k in SPEC_SAMPLER_KEYS if k in spec})
+    except CxrError as exc:  # name the spec's key, not the command-line flag
+        message = str(exc)
+        for key in SPEC_SAMPLER_KEYS:
+            flag = "--" + key.replace("_", "-")
+            if message.startswith(flag + " "):
+                message = f'"{key}"' + message[len(flag):]
+        raise CxrError(f"spec {path}: {message}") from None
     return spec
 
 
@@ -337,9 +396,8 @@ def example_spec(count: int = 4, **settings) -> dict:
 
 def write_spec(path: str | Path, spec: dict) -> Path:
     """Write a spec as JSON (atomically), checked the way synthesize will read it."""
-    path = write_json(path, spec)
-    read_spec(path)
-    return path
+    check_spec(json.loads(json.dumps(spec)), path)  # as synthesize will read it, before anything is written
+    return write_json(path, spec)
 
 
 def expand_spec(spec: dict) -> list[tuple[str, str]]:
@@ -353,14 +411,22 @@ def expand_spec(spec: dict) -> list[tuple[str, str]]:
 
 
 def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None, lora: str | None = None,
-               pipe=None, batch_size: int = 8, progress: bool = True) -> Path:
+               pipe=None, batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> Path:
     """Images for a spec, written as a dataset in the Kaggle layout (one report + one frontal
-    film per image), marked synthetic, so that prepare (and any IU X-ray loader) reads it."""
+    film per image), marked synthetic, so that prepare (and any IU X-ray loader) reads it.
+
+    It writes only into a folder it made from the same spec, model and LoRA (a rerun continues);
+    any other dataset there is refused, or moved aside first with overwrite=True."""
+    from .ownership import file_digest, model_fingerprint
+
     spec = read_spec(spec_path)
     model = model or spec.get("model") or SD15_MODEL_ID
     lora = lora if lora is not None else spec.get("lora", "")
     jobs = expand_spec(spec)
     out = Path(out)
+    claim(out, "synthesize", {"spec": spec, "model": model, "lora": lora or "", "model_files": model_fingerprint(model),
+                              "lora_weights": file_digest(check_lora_dir(lora) / LORA_WEIGHTS)[:20] if lora else ""},
+          overwrite)
     uid_start = int(spec.get("uid_start", 100000))  # far from the real uids, so the sets can be merged
     cfg = SampleConfig(model=model, lora=lora or "", out=str(out / "generated"), prompts=[p for p, _ in jobs],
                        seed=int(spec.get("seed", 0)), steps=int(spec.get("steps", 20)),

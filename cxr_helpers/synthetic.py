@@ -22,7 +22,6 @@ from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
 from .config import SynthConfig, save_config
-from .errors import CxrError
 from .io import atomic_path, write_csv, write_json
 
 IMAGES_SUBDIR = Path("images") / "images_normalized"
@@ -403,11 +402,12 @@ def _views(rng) -> list[str]:
 def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
     """Write the dataset to `cfg.out`: indiana_reports.csv, indiana_projections.csv, the PNGs,
     plus synthetic_labels.csv (ground truth) and synth_config.json."""
-    if cfg.reports < 1:
-        raise CxrError(f"--reports must be at least 1, got {cfg.reports}")
-    if cfg.image_size < 64:
-        raise CxrError(f"--image-size must be at least 64 px, got {cfg.image_size}")
+    from .config import config_to_dict
+    from .ownership import claim
+
     out = Path(cfg.out)
+    # Never into a dataset it did not make (the real one, another seed's): its files would be replaced.
+    claim(out, "synth", {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}, cfg.overwrite)
     image_dir = out / IMAGES_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
     reports, projections, labels = [], [], []
@@ -477,7 +477,7 @@ def dataset_is_built(out: str | Path, cfg: SynthConfig) -> bool:
         saved = json.loads(marker.read_text())["config"]
     except (KeyError, ValueError):
         return False
-    mine = {k: v for k, v in vars(cfg).items() if k != "out"}
+    mine = {k: v for k, v in vars(cfg).items() if k not in ("out", "overwrite")}
     return {k: saved.get(k) for k in mine} == mine
 
 

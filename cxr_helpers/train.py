@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict, save_config
 from .errors import CxrError
-from .io import atomic_path, cache_root, give_umask_modes, kaggle_input, library_versions, on_kaggle, read_json, write_csv, write_json, write_text
+from .io import (atomic_path, cache_root, give_umask_modes, kaggle_input, library_versions, on_kaggle, read_json, write_csv,
+                 write_json, write_text)
+from .ownership import file_digest, model_fingerprint, record_owner, text_digest
 from .sample import LORA_WEIGHTS
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
@@ -50,26 +52,10 @@ RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "
 # ---------------------------------------------------------------- checks ---------------------
 
 def validate(cfg: TrainConfig) -> None:
-    """Refuse bad settings before anything is loaded."""
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise CxrError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}")
-    for name in ("batch_size", "grad_accum", "rank"):
-        if getattr(cfg, name) < 1:
-            raise CxrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.epochs is None and cfg.max_steps < 1:
-        raise CxrError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise CxrError(f"--epochs must be positive, got {cfg.epochs}")
-    if not cfg.learning_rate > 0:
-        raise CxrError(f"--learning-rate must be positive, got {cfg.learning_rate}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise CxrError(f"--mixed-precision {cfg.mixed_precision!r} is not known; use no, fp16 or bf16")
-    if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
-        raise CxrError(f"--prediction-type {cfg.prediction_type!r} is not known; use epsilon or v_prediction")
-    if cfg.fit not in ("stretch", "pad", "crop"):
-        raise CxrError(f"--fit {cfg.fit!r} is not known; use stretch, pad or crop")
-    if cfg.checkpoint_every < 0 or cfg.validation_every < 0 or cfg.keep_checkpoints < 1:
-        raise CxrError("--checkpoint-every and --validation-every must be 0 or more, --keep-checkpoints at least 1")
+    """Refuse bad settings before anything is loaded (ranges and types were checked when the
+    config was built: config.check_settings)."""
+    if not cfg.target_modules:
+        raise CxrError("--target-modules is empty; name the UNet modules to adapt, e.g. to_k to_q to_v to_out.0")
 
 
 def check_device(mixed_precision: str) -> str:
@@ -267,7 +253,8 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(folder.glob("step-[0-9]*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
 
-def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: TrainConfig, loss_rows: list[dict]) -> Path:
+def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: TrainConfig, loss_rows: list[dict],
+                    extra: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically (a temp dir renamed into place), then prune old ones.
 
     If anything fails while writing, the temp dir is removed and the previous checkpoint stays.
@@ -286,9 +273,11 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: Tr
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", meta)
-        write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
-                                        "config": config_to_dict(cfg)})
         write_csv(tmp / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        # state.json last, with a digest of every other part: a truncated or edited file is caught on resume.
+        files = {name: file_digest(tmp / name) for name in CHECKPOINT_PARTS}
+        write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                                        "config": config_to_dict(cfg), **(extra or {}), "files": files})
         give_umask_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -330,12 +319,84 @@ def adopt_checkpoint(out: Path, source: Path) -> Path:
     shutil.copytree(source, tmp)
     os.replace(tmp, target)
     return target
+CHECKPOINT_PARTS = ("lora.safetensors", "optimizer.safetensors", "optimizer.json", "loss.csv")
+# What a resumed run must share with its checkpoint beyond the settings: the same pairs, the
+# same base model files, the same number of processes (the LR schedule counts per-process
+# steps) and the same prediction type.
+RESUME_STATE_MUST_MATCH = ("pairs", "model_files", "processes", "prediction_type")
+
+
+def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
+    """The checkpoint's saved state, after checking it is whole and was made by a run like this
+    one (`run_state`: RESUME_STATE_MUST_MATCH values of the run about to start). Works on any
+    checkpoint folder, wherever it was found. One sentence per problem."""
+    name = f"--resume {checkpoint}"
+    missing = [part for part in ("state.json", *CHECKPOINT_PARTS) if not (checkpoint / part).is_file()]
+    if missing:
+        raise CxrError(f"{name}: the checkpoint lacks {', '.join(missing)} (incomplete or damaged); "
+                       "resume from an earlier checkpoint or start again with --overwrite")
+    try:
+        state = read_json(checkpoint / "state.json")
+        step = state["step"]
+        saved = state["config"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise CxrError(f"{name}: state.json is damaged ({exc.__class__.__name__}); resume from an earlier "
+                       "checkpoint or start again with --overwrite") from None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1 or not isinstance(saved, dict):
+        raise CxrError(f"{name}: state.json holds step {step!r}, not a positive step number; the file was edited")
+    if checkpoint.name.startswith("step-") and checkpoint.name != f"step-{step:07d}":
+        raise CxrError(f"{name}: the folder says step {checkpoint.name[5:].lstrip('0') or 0} and state.json "
+                       f"says step {step}; the checkpoint was edited or renamed: resume from another one")
+    for part, digest in (state.get("files") or {}).items():
+        if file_digest(checkpoint / part) != digest:
+            raise CxrError(f"{name}: {part} is not the file the run saved (truncated or edited); resume from "
+                           "an earlier checkpoint or start again with --overwrite")
+    mine = config_to_dict(cfg)
+    differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
+    if differ:
+        raise CxrError(f"{name}: the checkpoint was trained with different "
+                       f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
+                       "resume with the same settings or start a new --out")
+    differ = [k for k in RESUME_STATE_MUST_MATCH if k in state and state[k] != run_state.get(k)]
+    if differ:
+        what = {"pairs": "train pairs", "model_files": "base model files", "processes": "number of processes",
+                "prediction_type": "prediction type"}
+        raise CxrError(f"{name}: the checkpoint was made with other {', '.join(what[k] for k in differ)} ("
+                       + "; ".join(f"{k}: {state[k]!r} then, {run_state.get(k)!r} now" for k in differ)
+                       + "); resume it with the same inputs, or start a new --out")
+    unchecked = [k for k in RESUME_STATE_MUST_MATCH if k not in state]
+    if unchecked:
+        print(f"warning: {checkpoint} predates the resume checks of {', '.join(unchecked)}; make sure they are "
+              "the same as when it was written", flush=True)
+    return state
+
+
+def check_fresh_start(out: Path, identity: dict, overwrite: bool) -> None:
+    """A run without --resume: never into a folder holding another run's checkpoints or LoRA
+    (it would prune its own checkpoints in favour of the old ones); with --overwrite the old
+    run is moved aside first (the content-keyed cache stays)."""
+    from .ownership import claim, move_aside
+
+    found = checkpoint_dirs(out)
+    if found or (out / "lora").exists():
+        where = f"checkpoints up to step {int(found[-1].name.split('-')[1])}" if found else "a trained LoRA"
+        finished = " (finished)" if (out / "lora").exists() else ""
+        if not overwrite:
+            raise CxrError(f"{out} holds a training run ({where}{finished}); continue it with --resume latest, "
+                           "start over with --overwrite (the old run is moved aside), or use another --out")
+        moved = move_aside(out, keep=TRAIN_KEEP)
+        print(f"--overwrite: moved the earlier run in {out} to {moved}", flush=True)
+    claim(out, "train", identity, overwrite, ignore=TRAIN_KEEP, keep=TRAIN_KEEP)
+
+
+TRAIN_KEEP = ("cache", "train_request.json")  # content-keyed cache; run_training's request for its children
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
         found = checkpoint_dirs(out)
-        if not found and (attached := attached_checkpoints()):
+        # One process adopts (run_training does it before starting several).
+        if not found and int(os.environ.get("RANK", "0")) == 0 and (attached := attached_checkpoints()):
             found = [adopt_checkpoint(out, attached[-1])]
             print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
                   flush=True)
@@ -469,7 +530,20 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train (or resume) and write OUT/lora, OUT/loss.csv, OUT/checkpoints, OUT/figures."""
+    """Train (or resume) and write OUT/lora, OUT/loss.csv, OUT/checkpoints, OUT/figures.
+
+    The main process holds a lock on OUT for the whole run: a second run into it is refused."""
+    import contextlib
+
+    from .ownership import folder_lock
+
+    validate(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, one lock per run
+    with folder_lock(cfg.out, "train run") if main_process else contextlib.nullcontext():
+        return _train(cfg, progress)
+
+
+def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import StableDiffusionPipeline
@@ -491,14 +565,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
     resume_from = find_checkpoint(out, cfg.resume) if cfg.resume else None
-    if resume_from is not None:
-        saved = read_json(resume_from / "state.json")["config"]
-        mine = config_to_dict(cfg)
-        differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
-        if differ:
-            raise CxrError(f"--resume {resume_from.name}: the checkpoint was trained with different "
-                           f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
-                           "resume with the same settings or start a new --out")
 
     device_kind = check_device(cfg.mixed_precision)
     # check_device has refused fp16 without a GPU, so the precision passes through.
@@ -513,6 +579,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         part.requires_grad_(False)
         part.to(device, dtype=weight_dtype)
     prediction_type = cfg.prediction_type or noise_scheduler.config.prediction_type
+    # Validation images (and the LoRA's config.json, which sample reads) use the trained target.
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+
+    processes = accelerator.num_processes
+    run_state = {"pairs": text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"])),
+                 "model_files": model_fingerprint(cfg.model), "processes": processes,
+                 "prediction_type": prediction_type}
+    identity = {**{k: config_to_dict(cfg)[k] for k in RESUME_MUST_MATCH}, **run_state}
+    state = None
+    if accelerator.is_main_process:  # before anything is written into OUT
+        if resume_from is not None:
+            state = check_resume(resume_from, cfg, run_state)
+            record_owner(out, "train", identity)
+        else:
+            check_fresh_start(out, identity, cfg.overwrite)
+    accelerator.wait_for_everyone()
+    if cfg.random_flip and accelerator.is_main_process:
+        sided = int(pairs["prompt"].str.contains(r"\b(?:left|right)\b", case=False).sum())
+        if sided:
+            print(f"warning: --random-flip mirrors films whose prompts name a side ({sided} of {len(pairs)} train "
+                  "pairs say left or right): the LoRA learns laterality at chance; leave it off to keep it",
+                  flush=True)
 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
     with accelerator.main_process_first():
@@ -520,8 +608,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                                       weight_dtype, progress and accelerator.is_local_main_process
                                       and os.environ.get(PROGRESS_LINES_ENV) != "1")
 
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
-                                target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
+    try:
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
+    except ValueError:  # peft: "Target modules {...} not found in the base model"
+        raise CxrError(f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
+                       "use the attention projections to_k, to_q, to_v, to_out.0") from None
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)  # fp32 LoRA under fp16 autocast
     if cfg.gradient_checkpointing:
@@ -532,7 +624,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                        "use the attention projections to_k, to_q, to_v, to_out.0")
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    processes = accelerator.num_processes
     per_step = cfg.batch_size * cfg.grad_accum * processes
     max_steps = math.ceil(cfg.epochs * len(pairs) / per_step) if cfg.epochs is not None else cfg.max_steps
     try:
@@ -545,15 +636,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     start_step, loss_rows = 0, []
     if resume_from is not None:
-        state = read_json(resume_from / "state.json")
-        set_peft_model_state_dict(unet, load_file(str(resume_from / "lora.safetensors")))
-        cast_training_params(unet, dtype=torch.float32)
-        _restore_optimizer(optimizer, load_file(str(resume_from / "optimizer.safetensors")),
-                           read_json(resume_from / "optimizer.json"), device)
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        state = state or read_json(resume_from / "state.json")  # the other processes read it after the check
+        try:
+            set_peft_model_state_dict(unet, load_file(str(resume_from / "lora.safetensors")))
+            cast_training_params(unet, dtype=torch.float32)
+            _restore_optimizer(optimizer, load_file(str(resume_from / "optimizer.safetensors")),
+                               read_json(resume_from / "optimizer.json"), device)
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            loss_rows = pd.read_csv(resume_from / "loss.csv").to_dict("records")
+        except Exception as exc:  # a checkpoint from before the digests, damaged: one sentence
+            raise CxrError(f"--resume {resume_from}: the checkpoint does not load ({exc.__class__.__name__}: "
+                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from an earlier one "
+                           "or start again with --overwrite") from None
         start_step = int(state["step"])
-        loss_rows = pd.read_csv(resume_from / "loss.csv").to_dict("records")
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if state is not None and state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])  # fp16 loss scale: resume where it was
+
+    def checkpoint_state() -> dict:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        return {**run_state, "grad_scaler": _jsonable(scaler)}
 
     figures_dir = out / "figures"
     prompts_val = list(cfg.validation_prompts) or default_validation_prompts(pairs_all)
@@ -595,7 +697,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     step = start_step
     while step < max_steps:
         tic = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # LoRA dropout, if any, replays on resume
+        # LoRA dropout, if any, replays on resume; each process draws its own masks.
+        torch.manual_seed(cfg.seed * 1_000_003 + step + accelerator.process_index * 7_919 * 1_000_003)
         losses = []
         for micro in range(cfg.grad_accum):
             gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
@@ -634,7 +737,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
             accelerator.wait_for_everyone()
             if main:
-                save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows)
+                save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows,
+                                checkpoint_state())
         every = cfg.validation_every or cfg.checkpoint_every  # 0: a grid per checkpoint
         if every and step % every == 0 and step < max_steps:
             validate_now(step)
@@ -646,7 +750,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     lora_dir = out / "lora"
     if main:
         write_csv(out / "loss.csv", loss)  # the whole history, each step once
-        save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows)
+        save_checkpoint(out, step, accelerator.unwrap_model(unet), optimizer, lr_scheduler, cfg, loss_rows,
+                        checkpoint_state())
         summary_path = Path(cfg.pairs).parent / "summary.json"
         info = {
             "steps_done": step, "processes": processes, "train_pairs": len(pairs),
@@ -721,6 +826,8 @@ def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool 
     if processes <= 1:
         return train(cfg, progress=progress)
     validate(cfg)
+    if cfg.resume == "latest":
+        find_checkpoint(Path(cfg.out), "latest")  # copy an attached earlier session's checkpoint here, once
     request = Path(cfg.out) / "train_request.json"
     save_config(cfg, request)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),

@@ -1,8 +1,10 @@
 import json
+import re
 
 import pytest
 
-from cxr_helpers.config import PRESETS, PrepareConfig, SynthConfig, load_config, save_config, stage_config
+from cxr_helpers.config import (PRESETS, STAGE_CONFIGS, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
+                                TrainConfig, load_config, save_config, stage_config)
 from cxr_helpers.errors import CxrError
 
 
@@ -45,3 +47,40 @@ def test_auto_resolves_to_a_real_preset_everywhere(monkeypatch):
         assert preset_name("auto") == expected and get_preset("auto").name == expected
     # names from before still work; they map to the presets named for the hardware
     assert preset_name("kaggle-t4x2") == "gpu-2x16gb" and preset_name("kaggle-p100") == "gpu-1x16gb"
+@pytest.mark.parametrize("cls, values, message", [
+    (TrainConfig, {"snr_gamma": -5.0}, "--snr-gamma must be more than 0, got -5.0"),
+    (TrainConfig, {"alpha": -4.0}, "--alpha must be more than 0"),
+    (TrainConfig, {"lora_dropout": 2.0}, "--lora-dropout must be at least 0.0 and less than 1.0"),
+    (TrainConfig, {"learning_rate": float("inf")}, "--learning-rate must be a finite number"),
+    (TrainConfig, {"batch_size": "4"}, "--batch-size must be a whole number, got '4'"),
+    (TrainConfig, {"batch_size": True}, "--batch-size must be a whole number"),
+    (TrainConfig, {"prediction_type": "sample"}, "--prediction-type 'sample' is not known"),
+    (SampleConfig, {"lora_scale": float("nan")}, "--lora-scale must be a finite number, got nan"),
+    (SampleConfig, {"resolution": 100}, "multiple of 8"),
+    (EvalConfig, {"kid_subset": 1}, "--kid-subset must be at least 2"),
+    (EvalConfig, {"prdc_k": 0}, "--prdc-k must be at least 1"),
+    (EvalConfig, {"bootstrap": -1}, "--bootstrap must be at least 0"),
+    (PrepareConfig, {"test_fraction": 1.0}, "--test-fraction must be more than 0.0 and less than 1.0"),
+    (PrepareConfig, {"split": "random"}, "use patient or image"),
+    (SynthConfig, {"reports": 0}, "--reports must be at least 1"),
+])
+def test_settings_are_checked_where_they_are_defined(cls, values, message):
+    with pytest.raises(CxrError, match=re.escape(message)):
+        cls(**values)  # built directly
+    with pytest.raises(CxrError, match=re.escape(message)):
+        stage_config(cls, **values)  # as the CLI and the notebooks build it
+
+
+def test_every_preset_passes_the_checks():
+    for name in PRESETS:
+        for cls in STAGE_CONFIGS.values():
+            stage_config(cls, name)
+
+
+def test_a_saved_config_is_checked_when_read(tmp_path):
+    path = save_config(TrainConfig(), tmp_path / "train_config.json")
+    payload = json.loads(path.read_text())
+    payload["config"]["rank"] = 0
+    path.write_text(json.dumps(payload))
+    with pytest.raises(CxrError, match="--rank must be at least 1"):
+        load_config(TrainConfig, path)

@@ -40,7 +40,7 @@ def test_the_77_id_rule_counts_start_and_end_tokens(tmp_path, tokenizer):
     over = " ".join(["lung"] * 76)
     assert len(tokenizer(exactly_77).input_ids) == 77 and len(tokenizer(over).input_ids) == 78
     root = make_dataset(tmp_path / "d", [exactly_77, over, "", "   ", "Cardiomegaly."])
-    result = run(root, tmp_path / "out", tokenizer)
+    result = run(root, tmp_path / "out", tokenizer, test_fraction=0.5)  # two uids kept: one per side
     kept = set(result.pairs["uid"])
     assert kept == {1, 5}
     reasons = result.excluded.groupby("uid")["reason"].first().to_dict()
@@ -147,7 +147,7 @@ def test_bad_data_dirs_get_one_sentence(tmp_path, tokenizer, breakage, message):
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, tokenizer):
     root = make_dataset(tmp_path / "d", ["Normal."])
-    for kw, message in [({"split": "random"}, "use 'patient'"), ({"test_fraction": 1.5}, "between 0 and 1"),
+    for kw, message in [({"split": "random"}, "use patient or image"), ({"test_fraction": 1.5}, "less than 1"),
                         ({"projection": "oblique"}, "both, frontal or lateral"), ({"limit": 0}, "at least 1")]:
         with pytest.raises(CxrError, match=message):
             run(root, tmp_path / "out", tokenizer, **kw)
@@ -219,3 +219,82 @@ def test_mesh_major_terms():
     reports = pd.DataFrame({"MeSH": ["normal", "Cardiomegaly/mild;Opacity/lung/base/left", "Cardiomegaly"]})
     counts = data.mesh_major_terms(reports)
     assert counts["Cardiomegaly"] == 2 and counts["normal"] == 1 and counts["Opacity"] == 1
+
+
+def test_filenames_outside_the_data_dir_are_excluded_never_read(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest."] * 3, views=("Frontal",))
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(secret)
+    folder = root / "images" / "images_normalized"
+    (folder / "loop.png").symlink_to(folder / "loop.png")  # a symlink loop
+    projections = pd.read_csv(root / "indiana_projections.csv")
+    extra = pd.DataFrame({"uid": [1, 2, 3], "projection": ["Frontal"] * 3,
+                          "filename": ["../../../secret.png", str(secret), "loop.png"]})
+    pd.concat([projections, extra]).to_csv(root / "indiana_projections.csv", index=False)
+    result = run(root, tmp_path / "out", tokenizer)
+    assert len(result.pairs) == 3 and not result.pairs["filename"].str.contains("secret").any()
+    reasons = result.excluded.set_index("filename")["reason"].to_dict()
+    assert reasons["../../../secret.png"] == reasons[str(secret)] == "outside_data_dir"
+    assert reasons["loop.png"] in ("outside_data_dir", "unreadable_image")
+    assert result.summary["excluded_by_reason"]["outside_data_dir"] >= 2
+    # A pairs.csv edited afterwards to point outside is refused by the dataset, not read.
+    edited = result.pairs.copy()
+    edited.loc[0, "filename"] = "../../../secret.png"
+    with pytest.raises(CxrError, match="lies outside"):
+        ChestXrayDataset(edited, root, 32).load_image(0)
+
+
+def test_a_decompression_bomb_header_is_an_unreadable_image(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest."] * 3, views=("Frontal",))
+    bomb = root / "images" / "images_normalized" / "1_IM-0001-4001.dcm.png"
+    # A valid PNG header claiming 30000 x 30000 px (900 M pixels): Pillow refuses to open it.
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    result = run(root, tmp_path / "out", tokenizer, test_fraction=0.5)
+    assert result.excluded.set_index("uid")["reason"][1] == "unreadable_image"
+
+
+def test_duplicates_are_reported_and_dropped_deterministically(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest.", "Cardiomegaly.", "Effusion."], views=("Frontal",))
+    projections = pd.read_csv(root / "indiana_projections.csv")
+    pd.concat([projections, projections.iloc[[0]]]).to_csv(root / "indiana_projections.csv", index=False)
+    reports = pd.read_csv(root / "indiana_reports.csv", keep_default_na=False)
+    second = reports.iloc[[1]].assign(impression="Large right pneumothorax.")
+    pd.concat([reports, second]).to_csv(root / "indiana_reports.csv", index=False)
+    result = run(root, tmp_path / "out", tokenizer, test_fraction=0.4)
+    assert len(result.pairs) == 3 and result.pairs["filename"].is_unique
+    assert result.excluded["reason"].tolist() == ["duplicate_row"]
+    assert result.summary["excluded_by_reason"]["duplicate_row"] == 1
+    assert result.summary["duplicate_report_rows"] == 1
+    assert result.pairs.set_index("uid")["prompt"][2] == "Cardiomegaly."  # the first row of uid 2 wins
+    again = run(root, tmp_path / "out2", tokenizer, test_fraction=0.4)
+    pd.testing.assert_frame_equal(result.pairs, again.pairs)
+
+
+def test_splits_that_leave_a_side_empty_and_unknown_labels_are_refused(tmp_path, tokenizer):
+    root = make_dataset(tmp_path / "d", ["Normal chest."] * 4, views=("Frontal",))
+    with pytest.raises(CxrError, match="leaves no train pairs; lower --test-fraction"):
+        run(root, tmp_path / "out", tokenizer, test_fraction=0.99)
+    assert not (tmp_path / "out" / "pairs.csv").exists()
+    run(root, tmp_path / "out", tokenizer, test_fraction=0.5)
+    pairs = pd.read_csv(tmp_path / "out" / "pairs.csv", dtype=str)
+    pairs.loc[0, "split"] = "validation"
+    pairs.to_csv(tmp_path / "out" / "pairs.csv", index=False)
+    with pytest.raises(CxrError, match="split label\\(s\\) 'validation'; only train and test"):
+        data.load_pairs(tmp_path / "out" / "pairs.csv", "train")
+    pairs.loc[0, ["split", "uid"]] = ["train", "1.5"]
+    pairs.to_csv(tmp_path / "out" / "pairs.csv", index=False)
+    with pytest.raises(CxrError, match="non-integer uid '1.5'"):
+        data.load_pairs(tmp_path / "out" / "pairs.csv")
+    (tmp_path / "out" / "pairs.csv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CxrError, match="not a readable CSV|lacks the column"):
+        data.load_pairs(tmp_path / "out" / "pairs.csv")
+    (tmp_path / "out" / "pairs.csv").write_text("")
+    with pytest.raises(CxrError, match="not a readable CSV"):
+        data.load_pairs(tmp_path / "out" / "pairs.csv")

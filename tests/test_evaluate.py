@@ -197,3 +197,18 @@ def test_metrics_may_be_written_comma_separated(pairs_csv, synth_dir, generated,
     assert set(result.table["metric"]) == {"fid", "kid"}
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["config"]["metrics"] == ["fid", "kid"]
+
+
+def test_a_sample_folders_metadata_may_not_name_files_outside_it(pairs_csv, synth_dir, generated, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gen"
+    shutil.copytree(generated, folder)
+    meta = pd.read_csv(folder / "metadata.csv")
+    meta.loc[0, "file"] = "../../elsewhere.png"
+    meta.to_csv(folder / "metadata.csv", index=False)
+    with pytest.raises(CxrError, match="lies outside"):
+        ev.generated_set("g", folder, 128)
+    meta.drop(columns=["file"]).to_csv(folder / "metadata.csv", index=False)
+    with pytest.raises(CxrError, match="lacks the column"):
+        ev.generated_set("g", folder, 128)

@@ -150,10 +150,56 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     other = tmp_path / "other.safetensors"
     save_file({"features.conv0.weight": torch.zeros(1)}, str(other))
     for weights, message in [(other, "is not a state dict of torchxrayvision's DenseNet-121"),
-                             (tmp_path / "empty-folder", "neither a .safetensors file nor a folder"),
+                             (tmp_path / "no-such-folder", "does not exist"),
                              (tmp_path, f"{ev.XRV_WEIGHTS_FILE} are not in")]:
         with pytest.raises(CxrError, match=message):
             ev.evaluate(stage_config(EvalConfig, **base, xrv_weights=str(weights)), progress=False)
+
+
+class _Payload:
+    """Pickles as a call of os.system: loading it with plain torch.load would run the command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pairs_csv, synth_dir, tmp_path):
+    import torchxrayvision as xrv
+
+    # The release file pickles a whole DenseNet: its tensors load into the network we build.
+    torch.manual_seed(1)
+    released = xrv.models.DenseNet(weights=None, op_threshs=None)
+    folder = tmp_path / "xrv"
+    folder.mkdir()
+    torch.save(released, folder / ev.XRV_WEIGHTS_FILE)
+    net = ev.XRVFeatures(str(folder)).net
+    for name, value in released.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name
+
+    # A file under the release name (or any name) that would run code is refused, and runs nothing.
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"features.conv0.weight": _Payload(marker)}, evil / ev.XRV_WEIGHTS_FILE)
+    torch.save(_Payload(marker), tmp_path / "evil.pt")
+    images, prompts = split_images(pairs_csv, synth_dir, "test")
+    gen = write_set(tmp_path / "gen", images[:4], prompts[:4])
+    for weights in (evil, tmp_path / "evil.pt"):
+        cfg = stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(tmp_path / "eval"),
+                           generated=(str(gen),), feature_net="standin", metrics=("fid", "xrv"), bootstrap=0,
+                           xrv_weights=str(weights))
+        with pytest.raises(CxrError, match=r"is not plain tensors \(it needs .*system\); not unpickling it"):
+            ev.evaluate(cfg, progress=False)
+    assert not marker.exists()
+    # A file that is not a torch file at all: one sentence too.
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CxrError, match="junk.pt (is not plain tensors|could not be read as tensors)"):
+        ev.XRVFeatures(str(tmp_path / "junk.pt"))
 
 
 def test_features_are_made_in_full_float32_not_tf32():

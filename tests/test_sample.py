@@ -59,8 +59,55 @@ def test_resume_skips_what_is_there_and_metadata_is_complete(pipe, tiny_model_di
         assert Image.open(tmp_path / row.upscaled_file).size == (128, 128)
     saved = json.loads((tmp_path / "sample_config.json").read_text())
     assert "safety checker off" in saved["note"]
-    with pytest.raises(CxrError, match="different steps"):
+    with pytest.raises(CxrError, match="holds sample output made with other steps"):
         sample(cfg(tiny_model_dir, lora_dir, tmp_path, steps=5, upscale=128), pipe=pipe, progress=False)
+
+
+def test_a_sample_folder_has_one_owner(pipe, tiny_model_dir, lora_dir, tmp_path):
+    out = tmp_path / "s"
+    sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Cardiomegaly."]), pipe=pipe, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # Other prompts into the same folder: refused, nothing touched (no old image relabelled).
+    with pytest.raises(CxrError, match="other prompts.*--overwrite"):
+        sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Large right pneumothorax."]), pipe=pipe, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # A more prompts-limited rerun of the same prompts continues.
+    assert sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Cardiomegaly."]), pipe=pipe, progress=False).skipped == 1
+    # --overwrite: the old content is moved aside first, never mixed.
+    result = sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Large right pneumothorax."], overwrite=True),
+                    pipe=pipe, progress=False)
+    assert result.generated == 1 and result.metadata["prompt"].tolist() == ["Large right pneumothorax."]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("s.replaced-")]
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.glob("*.png")) == result.metadata["file"].tolist()
+    # A folder of someone else's files (a foreign metadata.csv) is not written into.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metadata.csv").write_text("file,prompt\nmine.png,x\n")
+    with pytest.raises(CxrError, match="already holds files that no cxr-lora sample run made \\(metadata.csv\\)"):
+        sample(cfg(tiny_model_dir, lora_dir, foreign), pipe=pipe, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["metadata.csv"]
+
+
+def test_synthesize_never_writes_into_a_dataset_it_did_not_make(pipe, tiny_model_dir, lora_dir, synth_dir, tmp_path):
+    import shutil
+
+    spec = sample_mod.write_spec(tmp_path / "spec.json", {"steps": 2, "resolution": 64,
+                                                          "items": [{"prompt": "Cardiomegaly.", "count": 1}]})
+    real = tmp_path / "real"
+    shutil.copytree(synth_dir, real)
+    (real / "cxr_owner.json").unlink()  # as the Kaggle dataset: nobody's output
+    reports = (real / "indiana_reports.csv").read_bytes()
+    with pytest.raises(CxrError, match="no cxr-lora synthesize run made"):
+        sample_mod.synthesize(spec, real, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
+    assert (real / "indiana_reports.csv").read_bytes() == reports
+    out = sample_mod.synthesize(spec, tmp_path / "syn", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
+                                progress=False)
+    other = sample_mod.write_spec(tmp_path / "other.json", {"steps": 2, "resolution": 64,
+                                                            "items": [{"prompt": "Large right pneumothorax.", "count": 1}]})
+    with pytest.raises(CxrError, match="holds synthesize output made with other spec"):
+        sample_mod.synthesize(other, out, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
+    assert pd.read_csv(out / "indiana_reports.csv")["impression"].tolist() == ["Cardiomegaly."]
 
 
 def test_lora_scale_zero_is_the_base_model(pipe, tiny_model_dir, lora_dir):
@@ -156,3 +203,23 @@ def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, token
     assert json.loads((out / "synthetic_manifest.json").read_text())["synthetic"] is True
     with pytest.raises(CxrError, match="needs a positive integer"):
         sample_mod.write_spec(tmp_path / "bad.json", {"items": [{"prompt": "x", "count": 0}]})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"items": [{"label": "E", "templates": "Small effusion.", "count": 2}]}, '"templates" must be a list'),
+    ({"items": [{"prompt": "x", "count": 1}], "stpes": 4}, "unknown key\\(s\\) stpes; known: items"),
+    ({"items": [{"prompt": "x", "count": 1, "weight": 2}]}, "item 1 has unknown key\\(s\\) weight; known: prompt"),
+    ({"items": [{"prompt": "x", "count": 1}], "lora_scale": "nan"}, '"lora_scale" must be a number'),
+    ({"items": [{"prompt": "x", "count": 1}], "steps": 0}, '"steps" must be at least 1'),
+    ({"items": [{"prompt": "x", "templates": ["y"], "count": 1}]}, "one of the two"),
+    ({"items": {"prompt": "x"}}, 'no "items" list'),
+    (["x"], "must be a JSON object"),
+])
+def test_a_spec_is_checked_against_its_schema_before_anything_is_written(tmp_path, spec, message):
+    with pytest.raises(CxrError, match=message):
+        sample_mod.write_spec(tmp_path / "spec.json", spec)
+    assert not (tmp_path / "spec.json").exists()
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(CxrError, match=message):
+        sample_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -233,3 +233,104 @@ def test_two_processes_train_with_no_code_change(pairs_csv, synth_dir, tiny_mode
     n_train = (pd.read_csv(pairs_csv)["split"] == "train").sum()
     assert loss["step"].tolist() == [1, 2, 3, 4] and loss["epoch"].iloc[-1] == pytest.approx(4 * 2 * 2 / n_train)
     assert load_file(str(tmp_path / "ddp" / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".cxr.lock"}
+
+
+def test_a_finished_run_is_not_overwritten_or_mixed(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
+    from cxr_helpers.ownership import folder_lock
+
+    out = tmp_path / "run"
+    train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=()), progress=False)
+    before = _snapshot(out)
+    # A fresh run into it (other settings or the same): refused, every file as it was.
+    for kw in ({}, {"learning_rate": 5e-4}):
+        with pytest.raises(CxrError, match="holds a training run \\(checkpoints up to step 2 \\(finished\\)\\); "
+                                           "continue it with --resume latest"):
+            train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=(), **kw),
+                  progress=False)
+        assert _snapshot(out) == before
+    # A second run while one holds the folder: refused at once.
+    with folder_lock(out, "train run"):
+        with pytest.raises(CxrError, match="another train run is writing to .*pid"):
+            train(config(pairs_csv, synth_dir, tiny_model_dir, out, resume="latest"), progress=False)
+    # --overwrite: the old run is moved aside whole, the cache stays, the new run starts at step 0.
+    result = train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=3, validation_prompts=(),
+                          overwrite=True), progress=False)
+    assert result.loss["step"].tolist() == [1, 2, 3] and result.encodings_hit
+    aside = next(tmp_path.glob("run.replaced-*"))
+    assert _snapshot(aside) == {k: v for k, v in before.items() if not k.startswith("cache/")}
+
+
+def test_resume_checks_the_checkpoint_and_the_inputs(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    train(config(pairs_csv, synth_dir, model, out, max_steps=2, checkpoint_every=1, keep_checkpoints=3,
+                 validation_prompts=()), progress=False)
+    state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["processes"] == 1 and state["prediction_type"] == "epsilon" and "grad_scaler" in state
+    resume = lambda **kw: train(config(pairs_csv, synth_dir, model, out, max_steps=3, checkpoint_every=1,
+                                       keep_checkpoints=3, validation_prompts=(), **kw), progress=False)
+
+    def edited(make_change, message):
+        copy = tmp_path / "edited" / "step-0000002"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(out / "checkpoints" / "step-0000002", copy)
+        make_change(copy)
+        with pytest.raises(CxrError, match=message):
+            resume(resume=str(copy))
+
+    def set_state(copy, **values):
+        saved = json.loads((copy / "state.json").read_text())
+        saved.update(values)
+        (copy / "state.json").write_text(json.dumps(saved))
+
+    edited(lambda c: set_state(c, step=7), "the folder says step 2 and state.json says step 7")
+    edited(lambda c: set_state(c, step="2"), "holds step '2', not a positive step number")
+    edited(lambda c: set_state(c, processes=2), "other number of processes \\(processes: 2 then, 1 now\\)")
+    edited(lambda c: set_state(c, prediction_type="v_prediction"), "other prediction type")
+    edited(lambda c: (c / "lora.safetensors").write_bytes((c / "lora.safetensors").read_bytes()[:100]),
+           "lora.safetensors is not the file the run saved \\(truncated or edited\\)")
+    edited(lambda c: (c / "optimizer.json").unlink(), "lacks optimizer.json")
+    edited(lambda c: (c / "state.json").write_text("{not json"), "state.json is damaged")
+    # Other train pairs than the checkpoint's: refused.
+    pairs = pd.read_csv(pairs_csv)
+    pairs = pairs.drop(index=pairs.index[pairs["split"] == "train"][0])
+    pairs.to_csv(tmp_path / "fewer.csv", index=False)
+    with pytest.raises(CxrError, match="other train pairs"):
+        train(config(tmp_path / "fewer.csv", synth_dir, model, out, max_steps=3, checkpoint_every=1,
+                     keep_checkpoints=3, validation_prompts=(), resume="latest"), progress=False)
+    # The intact checkpoint resumes.
+    assert resume(resume="latest").loss["step"].tolist() == [1, 2, 3]
+    # A base model regenerated at the same path: refused.
+    unet_file = next((model / "unet").glob("*.safetensors"))
+    unet_file.write_bytes(unet_file.read_bytes())
+    os.utime(unet_file, ns=(unet_file.stat().st_atime_ns, unet_file.stat().st_mtime_ns + 10**9))
+    with pytest.raises(CxrError, match="other base model files"):
+        resume(resume="latest")
+
+
+def test_the_prediction_type_travels_with_the_lora(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
+    from cxr_helpers.sample import load_sampling_pipeline
+
+    result = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "v", max_steps=1,
+                          prediction_type="v_prediction", validation_prompts=()), progress=False)
+    assert json.loads((result.lora_dir / "config.json").read_text())["prediction_type"] == "v_prediction"
+    pipe = load_sampling_pipeline(str(tiny_model_dir), result.lora_dir)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert load_sampling_pipeline(str(tiny_model_dir)).scheduler.config.prediction_type == "epsilon"
+
+
+def test_random_flip_warns_about_laterality(pairs_csv, synth_dir, tiny_model_dir, tmp_path, capsys):
+    pairs = pd.read_csv(pairs_csv)
+    pairs.loc[pairs["split"] == "train", "prompt"] = "Small left pleural effusion."
+    pairs.to_csv(tmp_path / "sided.csv", index=False)
+    train(config(tmp_path / "sided.csv", synth_dir, tiny_model_dir, tmp_path / "f", max_steps=1, random_flip=True,
+                 validation_prompts=()), progress=False)
+    assert "--random-flip mirrors films whose prompts name a side" in capsys.readouterr().out
