@@ -102,6 +102,7 @@ class KaggleRehearsal:
         env = {**self.env, "CXR_KAGGLE_ROOT": str(session / "kaggle"), "TMPDIR": str(tmp)}
         saved = dict(os.environ)
         os.environ.update(env)
+        os.environ.pop("PYTHONPATH", None)  # a Kaggle kernel sees only its image's libraries and the wheel
         try:
             executed = session / notebook
             papermill.execute_notebook(str(folder / notebook), str(executed), parameters={**SIZE[notebook], **parameters},
