@@ -141,7 +141,7 @@ EVAL_HELP = {
                    "holding its release file (default: its cache, else its download)",
     "n": "at most N images per set (the same N for every set)",
     "real_floor": "also score real train images vs real test images (the floor)",
-    "bootstrap": "resamples for FID's 95% interval (0: none)",
+    "interval_groups": "jackknife groups per set for FID's 95% interval (0: none)",
 }
 
 

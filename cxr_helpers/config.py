@@ -144,12 +144,13 @@ class EvalConfig:
     xrv_weights: str = ""  # XRV densenet121-res224-all: a .safetensors file, or a folder holding its release file
     n: int | None = None  # at most N images per set (same N for every set compared)
     real_floor: bool = True  # also score real train images against the real test images
-    bootstrap: int = 200  # resamples for FID's confidence interval (0 = none)
+    interval_groups: int = 20  # jackknife groups per set for FID's 95% interval (0 = none)
     kid_subset: int = 1000  # lowered to the smallest set's size, with a note
     is_splits: int = 10
     prdc_k: int = 5
     audit_pixel_threshold: float = 0.95  # Pearson correlation of 128 px pixels
     audit_cosine_threshold: float = 0.99  # cosine of feature vectors
+    audit_percentile: float = 99.9  # flag only above this percentile of real test images' nearest-train similarities too
     resolution: int = 128
     fit: str = "stretch"
     cache_dir: str = ""  # "" = OUT/cache: real-image features, reused across evaluations
@@ -179,7 +180,7 @@ _CPU_SMOKE_TRAIN = dict(
 _SMOKE_STAGES = {
     "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
     # Offline demo: the stand-in network, and no XRV DenseNet (its weights are a download).
-    "evaluate": {"feature_net": "standin", "bootstrap": 50, "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
+    "evaluate": {"feature_net": "standin", "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 _KAGGLE_TRAIN = dict(
