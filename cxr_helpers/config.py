@@ -138,7 +138,7 @@ class EvalConfig:
     data_dir: str = ""
     generated: tuple[str, ...] = ()  # sample dirs (with metadata.csv), each DIR or NAME=DIR
     out: str = "eval"
-    metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
+    metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
     feature_net: str = "inception"  # inception (torch-fidelity's FID network) | standin (offline tests only)
     feature_weights: str = ""  # local file of the Inception FID weights (weights-inception-2015-12-05-6726825d.pth)
     xrv_weights: str = ""  # XRV densenet121-res224-all: a .safetensors file, or a folder holding its release file
@@ -150,6 +150,8 @@ class EvalConfig:
     prdc_k: int = 5
     audit_pixel_threshold: float = 0.95  # Pearson correlation of 128 px pixels
     audit_cosine_threshold: float = 0.99  # cosine of feature vectors
+    adherence_scorer: str = "xrv"  # xrv (torchxrayvision's classifier) | geometry (synthetic films' oracle, offline)
+    adherence_min_cases: int = 5  # a finding needs this many positive and negative images, else it is skipped
     audit_percentile: float = 99.9  # flag only above this percentile of real test images' nearest-train similarities too
     resolution: int = 128
     fit: str = "stretch"
@@ -179,8 +181,10 @@ _CPU_SMOKE_TRAIN = dict(
 )
 _SMOKE_STAGES = {
     "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
-    # Offline demo: the stand-in network, and no XRV DenseNet (its weights are a download).
-    "evaluate": {"feature_net": "standin", "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
+    # Offline demo: the stand-in network, no XRV DenseNet (its weights are a download), and the
+    # synthetic films' geometry oracle for prompt adherence.
+    "evaluate": {"feature_net": "standin", "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"),
+                 "adherence_scorer": "geometry"},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 _KAGGLE_TRAIN = dict(

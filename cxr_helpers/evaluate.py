@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import adherence as adh
 from .config import EvalConfig, config_to_dict
 from .errors import CxrError
 from .io import atomic_path, can_reach, library_versions, write_csv, write_json
@@ -38,7 +39,8 @@ XRV_WEIGHTS_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1
 STANDIN_NAME = "STAND-IN feature network (small random conv net, not Inception: not comparable to published FID/IS)"
 FID_BIAS_N = 2048
 AUDIT_BASELINE_SET = "audit baseline (real test vs train)"
-METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
+REAL_TEST_SET = "real test"
+METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
 
 
 # ---------------------------------------------------------------- feature networks -----------
@@ -597,6 +599,56 @@ def audit(generated: ImageSet, gen_features: torch.Tensor, train: ImageSet, trai
 
 # ---------------------------------------------------------------- the stage ------------------
 
+def load_xrv(cfg: EvalConfig, device: str, notes: list[str], purpose: str) -> "XRVFeatures | None":
+    """The XRV DenseNet, or None with a note when it cannot be had (it is optional)."""
+    try:
+        return XRVFeatures(cfg.xrv_weights or None).to(device)
+    except ImportError as exc:  # optional: skipped with a note, not fatal
+        notes.append(f"XRV DenseNet {purpose} skipped: torchxrayvision is not installed ({exc}); "
+                     "pip install torchxrayvision")
+    except CxrError as exc:
+        if cfg.xrv_weights:  # weights the user named must load
+            raise
+        notes.append(f"XRV DenseNet {purpose} skipped: {exc}")
+    except Exception as exc:  # its download failing
+        notes.append(f"XRV DenseNet {purpose} skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
+                     f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
+    return None
+
+
+def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet, data_dir: Path,
+                     notes: list[str], progress: bool) -> pd.DataFrame:
+    """Per finding, the AUROC of the scorer's score against the label of the report each prompt
+    came from, for every generated set and for the real test films (the ceiling)."""
+    from .data import REPORTS_CSV, load_pairs
+
+    reports = pd.read_csv(data_dir / REPORTS_CSV, dtype={"MeSH": str, "Problems": str}, keep_default_na=False)
+    labels = adh.report_labels(reports)
+    pairs = load_pairs(cfg.pairs)
+    by_prompt = adh.prompt_labels(pairs, labels)
+    parts = []
+    for name, image_set in generated:
+        known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
+        if not known:
+            notes.append(f"adherence skipped for {name}: none of its {len(set(image_set.prompts))} prompt(s) is the "
+                         f"impression of a report in {cfg.pairs}, so no image has a label; sample from that pairs.csv")
+            continue
+        if len(known) < len(image_set.prompts):
+            notes.append(f"adherence: {name}: {len(image_set.prompts) - len(known)} image(s) whose prompt is no "
+                         "report's impression are left out")
+        scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
+        truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
+        parts.append(adh.adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
+    truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
+    scores = scorer.score(real.images, cfg.batch_size, progress)
+    parts.append(adh.adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    table = pd.concat(parts, ignore_index=True)
+    if not len(table):
+        notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
+    return table
+
+
 def parse_generated(items) -> list[tuple[str, Path]]:
     sets = []
     for item in items:
@@ -617,6 +669,7 @@ class EvalResult:
     out: Path
     table: pd.DataFrame
     audit: pd.DataFrame
+    adherence: pd.DataFrame
     diversity: pd.DataFrame
     feature_network: str
     notes: list[str]
@@ -646,6 +699,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     unknown = sorted(set(cfg.metrics) - set(METRICS))
     if unknown:
         raise CxrError(f"--metrics {', '.join(unknown)} not known; choose from {', '.join(METRICS)}")
+    if "adherence" in cfg.metrics and cfg.adherence_scorer not in adh.SCORERS:
+        raise CxrError(f"--adherence-scorer {cfg.adherence_scorer!r} is not known; use "
+                       f"{' or '.join(adh.SCORERS)} (geometry: the synthetic films' oracle, for offline runs)")
     if cfg.n is not None and cfg.n < 2:
         raise CxrError(f"--n must be at least 2 (FID needs two images per set to estimate a covariance), got {cfg.n}")
     sets = parse_generated(cfg.generated)
@@ -769,25 +825,25 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
             notes.append(f"audit baseline: with {baseline.n_test} real test images the {baseline.percentile:g}th "
                          "percentile of their nearest-train similarities is their maximum (a finer percentile needs "
                          f"{math.ceil(100 / (100 - baseline.percentile))} or more)")
-    if "xrv" in cfg.metrics:
-        try:
-            xrv_net = XRVFeatures(cfg.xrv_weights or None).to(device)
-        except ImportError as exc:  # optional: skipped with a note, not fatal
-            notes.append(f"XRV DenseNet FID skipped: torchxrayvision is not installed ({exc}); "
-                         "pip install torchxrayvision")
-        except CxrError as exc:
-            if cfg.xrv_weights:  # weights the user named must load
-                raise
-            notes.append(f"XRV DenseNet FID skipped: {exc}")
-        except Exception as exc:  # its download failing
-            notes.append(f"XRV DenseNet FID skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
-                         f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
-        else:
-            x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
-            for name, image_set, *_ in compared:
-                x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
-                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device),
-                             "n_real": len(x_real), "n_generated": len(x_pool), "feature_network": xrv_net.name})
+    xrv_purposes = [what for what, wanted in (("FID", "xrv" in cfg.metrics), ("prompt adherence", (
+        "adherence" in cfg.metrics and cfg.adherence_scorer == "xrv"))) if wanted]
+    xrv_net = load_xrv(cfg, device, notes, " and ".join(xrv_purposes)) if xrv_purposes else None
+    if "xrv" in cfg.metrics and xrv_net is not None:
+        x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
+        for name, image_set, *_ in compared:
+            x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
+            rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device),
+                         "n_real": len(x_real), "n_generated": len(x_pool), "feature_network": xrv_net.name})
+    adherence_table = pd.DataFrame(columns=adh.ADHERENCE_COLUMNS)
+    if "adherence" in cfg.metrics and (cfg.adherence_scorer != "xrv" or xrv_net is not None):
+        scorer = (adh.XRVClassifier(features=xrv_net) if cfg.adherence_scorer == "xrv"
+                  else adh.SCORERS[cfg.adherence_scorer]())
+        adherence_table = prompt_adherence(cfg, scorer, [(name, s) for name, s, *_ in compared[: len(generated)]],
+                                           real, data_dir, notes, progress)
+        for row in adherence_table.itertuples():
+            rows.append({"set": row.set, "metric": f"auroc_{row.finding.lower().replace(' ', '_')}",
+                         "value": row.auroc, "ci_low": row.ci_low, "ci_high": row.ci_high,
+                         "n_generated": row.images, "feature_network": row.scorer})
 
     # Keys a row leaves out (std, interval, n_real) are blank in the table.
     table = pd.DataFrame(rows, columns=["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated",
@@ -804,14 +860,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     if len(audit_table):
         write_csv(out / "audit.csv", audit_table.drop(columns=["train_index", "test_index"]))
     write_csv(out / "diversity.csv", diversity_table)
+    if "adherence" in cfg.metrics:
+        write_csv(out / "adherence.csv", adherence_table)
     folder = out / "figures"
     figures = {"metrics": plots.metric_intervals(table, save_to=folder / "metrics.png")}
     if len(audit_table):
         figures["nearest_pairs"] = plots.nearest_pairs(audit_table, {g.name: g for g in generated}, train, real, baseline,
                                                        save_to=folder / "nearest_pairs.png")
+    if len(adherence_table):
+        figures["adherence"] = plots.adherence_bars(adherence_table, save_to=folder / "adherence.png")
     if len(diversity_table):
         figures["diversity"] = plots.diversity_per_prompt(diversity_table, save_to=folder / "diversity.png")
-    return EvalResult(out, table, audit_table, diversity_table, net.name, notes, hits, figures)
+    return EvalResult(out, table, audit_table, adherence_table, diversity_table, net.name, notes, hits, figures)
 
 
 def results_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -822,6 +882,17 @@ def results_table(table: pd.DataFrame) -> pd.DataFrame:
         if pd.notna(row["std"]):
             return f"{row['value']:.4g} ± {row['std']:.2g}"
         return f"{row['value']:.4g}"
+    table = table[~table["metric"].str.startswith("auroc_")]  # per finding: adherence_table
     wide = table.assign(cell=table.apply(cell, axis=1)).pivot(index="set", columns="metric", values="cell")
     counts = table.groupby("set")["n_generated"].max().rename("N")
     return wide.join(counts).reindex(list(dict.fromkeys(table["set"])))
+
+
+def adherence_table(adherence: pd.DataFrame) -> pd.DataFrame:
+    """One row per finding, one column per set: "AUROC [low, high] (positives+/negatives-)"."""
+    if not len(adherence):
+        return pd.DataFrame()
+    cell = adherence.apply(lambda r: f"{r['auroc']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                                     f"({r['positives']}+/{r['negatives']}-)", axis=1)
+    wide = adherence.assign(cell=cell).pivot(index="finding", columns="set", values="cell")
+    return wide[list(dict.fromkeys(adherence["set"]))]

@@ -185,3 +185,33 @@ def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
     ax.set_ylabel("prompts")
     ax.legend()
     return _finish(fig, save_to)
+
+
+def adherence_bars(adherence: pd.DataFrame, save_to=None):
+    """Prompt adherence: per finding, the AUROC of each set (base / fine-tuned / real test) with
+    its 95% interval; 0.5 (chance) drawn, 1 is perfect. Counts under each bar group."""
+    findings = list(dict.fromkeys(adherence["finding"]))
+    sets = list(dict.fromkeys(adherence["set"]))
+    width = 0.8 / max(1, len(sets))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(findings) * max(1, len(sets)) / 2 + 2), 3.4))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#c44e52"]
+    for k, name in enumerate(sets):
+        part = adherence[adherence["set"] == name].set_index("finding").reindex(findings)
+        x = np.arange(len(findings)) + (k - (len(sets) - 1) / 2) * width
+        values = part["auroc"].astype(float).to_numpy()
+        err = [np.nan_to_num(values - part["ci_low"].astype(float).to_numpy()),
+               np.nan_to_num(part["ci_high"].astype(float).to_numpy() - values)]
+        ax.bar(x, np.nan_to_num(values), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=name)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (0.5)")
+    labels = []
+    for finding in findings:
+        counts = adherence[adherence["finding"] == finding]
+        labels.append(finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-" for r in counts.itertuples()))
+    ax.set_xticks(range(len(findings)), labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUROC of the score vs the prompt's label")
+    scorers = sorted(set(adherence["scorer"]))
+    ax.set_title("Prompt adherence per finding (higher = the films show what the prompt says)\nscorer: "
+                 + "; ".join(scorers), fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    return _finish(fig, save_to)
