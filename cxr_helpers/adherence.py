@@ -190,17 +190,18 @@ def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name
               notes: list[str]) -> pd.DataFrame:
     """Per finding both know, the AUROC of the scores against the labels (rows aligned); a finding
     with fewer than `min_cases` positives or negatives is skipped with a note naming the counts."""
-    rows = []
+    rows, skipped = [], []
     for finding in [f for f in scores.columns if f in labels.columns]:
         truth = labels[finding].to_numpy(dtype=bool)
         positives, negatives = int(truth.sum()), int((~truth).sum())
         row = {"set": name, "finding": finding, "positives": positives, "negatives": negatives,
                "images": len(truth), "scorer": scorer_name}
         if min(positives, negatives) < min_cases:
-            if positives:  # a finding no prompt names is not news; one with a few is
-                notes.append(f"adherence: {name}: {finding} skipped: {positives} positive and {negatives} negative "
-                             f"image(s), at least {min_cases} of each are needed")
+            skipped.append(f"{finding} {positives}+/{negatives}-")
             continue
         auc, low, high = auroc_with_interval(scores[finding].to_numpy(), truth)
         rows.append({**row, "auroc": auc, "ci_low": low, "ci_high": high})
+    if skipped:  # one note per set: the classifier knows up to 18 findings
+        notes.append(f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
+                     f"(positives+/negatives-): {', '.join(skipped)}")
     return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS)

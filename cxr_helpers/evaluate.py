@@ -1,4 +1,5 @@
-"""The evaluation stage: FID, KID and IS from one feature pass, and a medical-image audit.
+"""The evaluation stage: FID, KID and IS from one feature pass, a memorisation audit with a
+real baseline, and prompt adherence (`cxr_helpers.adherence`).
 
 Real images are the test split, prepared to 128 px exactly as for training (same resize, same
 cache); generated images come from sample directories (metadata.csv). Every image goes through
