@@ -193,7 +193,7 @@ def adherence_bars(adherence: pd.DataFrame, save_to=None):
     findings = list(dict.fromkeys(adherence["finding"]))
     sets = list(dict.fromkeys(adherence["set"]))
     width = 0.8 / max(1, len(sets))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(findings) * max(1, len(sets)) / 2 + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(findings) * max(1, len(sets)) + 2), 3.8))
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#c44e52"]
     for k, name in enumerate(sets):
         part = adherence[adherence["set"] == name].set_index("finding").reindex(findings)
@@ -211,7 +211,7 @@ def adherence_bars(adherence: pd.DataFrame, save_to=None):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("AUROC of the score vs the prompt's label")
     scorers = sorted(set(adherence["scorer"]))
-    ax.set_title("Prompt adherence per finding (higher = the films show what the prompt says)\nscorer: "
-                 + "; ".join(scorers), fontsize=9)
+    ax.set_title(textwrap.fill("Prompt adherence per finding (higher = the films show what the prompt says); "
+                               "scorer: " + "; ".join(scorers), 100), fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     return _finish(fig, save_to)
