@@ -62,7 +62,8 @@ def report_labels(reports: pd.DataFrame) -> pd.DataFrame:
     """One row per report uid, one boolean column per mapped finding."""
     findings = sorted(set(REPORT_TERM_TO_FINDING.values()))
     rows = []
-    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", ""), reports.get("Problems", "")):
+    blank = pd.Series([""] * len(reports), index=reports.index)
+    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank)):
         mapped = {REPORT_TERM_TO_FINDING[t] for t in report_terms(mesh, problems) if t in REPORT_TERM_TO_FINDING}
         rows.append({"uid": int(uid), **{f: f in mapped for f in findings}})
     return pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")

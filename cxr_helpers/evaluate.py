@@ -448,8 +448,8 @@ def fid_interval(real: torch.Tensor, fake: torch.Tensor, groups: int = 20, seed:
         values = []
         own = real if which == "real" else fake
         for group in np.array_split(rng.permutation(len(own)), groups):
-            keep = torch.ones(len(own), dtype=torch.bool)
-            keep[torch.from_numpy(group)] = False
+            keep = torch.ones(len(own), dtype=torch.bool, device=own.device)
+            keep[torch.from_numpy(group).to(own.device)] = False
             values.append(frechet_distance(own[keep], fake) if which == "real" else frechet_distance(real, own[keep]))
         values = np.asarray(values)
         variance += (groups - 1) / groups * np.square(values - values.mean()).sum()
@@ -473,8 +473,8 @@ def fid_infinity(real: torch.Tensor, fake: torch.Tensor, points: int = 10, small
     rng = np.random.default_rng(seed)
     values = []
     for k in ks:
-        r = real[torch.from_numpy(rng.choice(len(real), k, replace=False))]
-        f = fake[torch.from_numpy(rng.choice(len(fake), k, replace=False))]
+        r = real[torch.from_numpy(rng.choice(len(real), k, replace=False)).to(real.device)]
+        f = fake[torch.from_numpy(rng.choice(len(fake), k, replace=False)).to(fake.device)]
         values.append(frechet_distance(r, f))
     slope, intercept = np.polyfit(1.0 / ks, values, 1)
     return float(intercept)
@@ -621,9 +621,13 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
                      notes: list[str], progress: bool) -> pd.DataFrame:
     """Per finding, the AUROC of the scorer's score against the label of the report each prompt
     came from, for every generated set and for the real test films (the ceiling)."""
-    from .data import REPORTS_CSV, load_pairs
+    from .data import REPORTS_CSV, load_pairs, read_tables
 
-    reports = pd.read_csv(data_dir / REPORTS_CSV, dtype={"MeSH": str, "Problems": str}, keep_default_na=False)
+    reports, _ = read_tables(data_dir)
+    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
+        notes.append(f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
+                     "no report has a label; use the Kaggle dataset's original file")
+        return pd.DataFrame(columns=adh.ADHERENCE_COLUMNS)
     labels = adh.report_labels(reports)
     pairs = load_pairs(cfg.pairs)
     by_prompt = adh.prompt_labels(pairs, labels)
@@ -770,13 +774,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         base = {"set": name, "n_real": len(real_pool), "n_generated": len(pool), "feature_network": net.name}
         if "fid" in cfg.metrics:
             value = torchmetrics_fid(real_pool, pool, device)
-            low, high = (fid_interval(real_pool, pool, cfg.interval_groups, cfg.seed) if cfg.interval_groups
+            # The jackknife's and FID-infinity's dozens of FIDs run where the metric arithmetic does.
+            on_device = real_pool.to(device), pool.to(device)
+            low, high = (fid_interval(*on_device, cfg.interval_groups, cfg.seed) if cfg.interval_groups
                          else (None, None))
-            if low is not None:  # the interval is centred on our own FID, equal to torchmetrics' to ~1e-6
-                centre = frechet_distance(real_pool, pool)
-                low, high = value + (low - centre), value + (high - centre)
+            if low is not None:  # centred on our own FID, equal to torchmetrics' to ~1e-6: re-centred on this one
+                half = (high - low) / 2
+                low, high = value - half, value + half
             rows.append({**base, "metric": "fid", "value": value, "ci_low": low, "ci_high": high})
-            rows.append({**base, "metric": "fid_infinity", "value": fid_infinity(real_pool, pool, seed=cfg.seed)})
+            rows.append({**base, "metric": "fid_infinity", "value": fid_infinity(*on_device, seed=cfg.seed)})
         if "kid" in cfg.metrics:
             mean, std = torchmetrics_kid(real_pool, pool, kid_subset, cfg.seed, device)
             rows.append({**base, "metric": "kid", "value": mean, "std": std if kid_std_meaningful else None})

@@ -48,6 +48,7 @@ def test_report_terms_map_to_the_classifiers_findings():
     assert set(labels.columns) == set(adh.REPORT_TERM_TO_FINDING.values())
     assert labels.loc[1][labels.loc[1]].index.tolist() == ["Cardiomegaly", "Lung Opacity"]
     assert not labels.loc[2].any() and labels.loc[3, "Nodule"] and labels.loc[4, "Hernia"]
+    assert not adh.report_labels(pd.DataFrame({"uid": [1]})).any().any()  # no MeSH / Problems: no labels
     # An impression shared by several reports is positive when most of them carry the finding.
     pairs = pd.DataFrame({"uid": [1, 1, 2, 3, 4], "prompt": ["A", "A", "B", "B", "C"]})
     by_prompt = adh.prompt_labels(pairs, labels)
