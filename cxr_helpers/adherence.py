@@ -66,7 +66,8 @@ def report_labels(reports: pd.DataFrame) -> pd.DataFrame:
     for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank)):
         mapped = {REPORT_TERM_TO_FINDING[t] for t in report_terms(mesh, problems) if t in REPORT_TERM_TO_FINDING}
         rows.append({"uid": int(uid), **{f: f in mapped for f in findings}})
-    return pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")
+    table = pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")
+    return table.groupby(level=0).max()  # a uid listed twice: the findings of both rows
 
 
 def prompt_labels(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
