@@ -136,25 +136,32 @@ EVAL_HELP = {
     "data_dir": "the dataset folder the pairs point into (default on Kaggle: the mount)",
     "generated": "sample folders (with metadata.csv): DIR or NAME=DIR, e.g. base=OUT/base fine-tuned=OUT/tuned",
     "out": "output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/",
-    "metrics": "any of fid kid is prdc diversity audit xrv, space- or comma-separated (default: all)",
+    "metrics": "any of fid kid is prdc diversity audit xrv adherence, space- or comma-separated (default: all)",
     "feature_net": "inception (default) or standin (a labelled offline stand-in, for tests)",
     "feature_weights": "local Inception FID weights (weights-inception-2015-12-05-6726825d.pth) when offline",
     "xrv_weights": "torchxrayvision densenet121-res224-all weights: a .safetensors state dict, or a folder "
                    "holding its release file (default: its cache, else its download)",
     "n": "at most N images per set (the same N for every set)",
     "real_floor": "also score real train images vs real test images (the floor)",
-    "bootstrap": "resamples for FID's 95% interval (0: none)",
+    "interval_groups": "jackknife groups per set for FID's 95% interval (0: none)",
+    "adherence_scorer": "who scores the findings for prompt adherence: xrv (torchxrayvision's classifier, default) "
+                        "or geometry (an oracle for the synthetic films, offline)",
+    "adherence_min_cases": "a finding needs this many positive and negative images (default 5), else it is skipped",
+    "audit_percentile": "flag only above this percentile of real test films' nearest-train similarity (99.9)",
 }
 
 
 def _evaluate(args) -> None:
-    from .evaluate import evaluate, results_table
+    from .evaluate import adherence_table, evaluate, results_table
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
     if not values["pairs"] or not values["out"] or not values["generated"]:
         raise CxrError("evaluate needs --pairs PAIRS_CSV, --generated DIR [NAME=DIR ...] and --out DIR")
     result = evaluate(stage_config(EvalConfig, args.preset, **values))
     print(results_table(result.table).to_string())
+    if len(result.adherence):
+        print("prompt adherence, AUROC per finding [95% interval] (positives+/negatives-):")
+        print(adherence_table(result.adherence).to_string())
     for note in result.notes:
         print(f"note: {note}")
     written = [p.name for p in sorted(result.out.glob("*.csv"))] + [f"figures/{name}.png" for name in result.figures]

@@ -233,18 +233,21 @@ class EvalConfig(Checked):
     data_dir: str = ""
     generated: tuple[str, ...] = ()  # sample dirs (with metadata.csv), each DIR or NAME=DIR
     out: str = "eval"
-    metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
+    metrics: tuple[str, ...] = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
     feature_net: str = setting("inception", choices=("inception", "standin"))  # inception (torch-fidelity's FID network) | standin (offline tests only)
     feature_weights: str = ""  # local file of the Inception FID weights (weights-inception-2015-12-05-6726825d.pth)
     xrv_weights: str = ""  # XRV densenet121-res224-all: a .safetensors file, or a folder holding its release file
     n: int | None = setting(None, min=2)  # at most N images per set (same N for every set compared)
     real_floor: bool = True  # also score real train images against the real test images
-    bootstrap: int = setting(200, min=0)  # resamples for FID's confidence interval (0 = none)
+    interval_groups: int = setting(20, min=0)  # jackknife groups per set for FID's 95% interval (0 = none)
     kid_subset: int = setting(1000, min=2, why="KID compares pairs within a subset")  # lowered to the smallest set's size, with a note
     is_splits: int = setting(10, min=1)
     prdc_k: int = setting(5, min=1)
     audit_pixel_threshold: float = setting(0.95, min=-1.0, max=1.0)  # Pearson correlation of 128 px pixels
     audit_cosine_threshold: float = setting(0.99, min=-1.0, max=1.0)  # cosine of feature vectors
+    adherence_scorer: str = setting("xrv", choices=("xrv", "geometry"))  # xrv (torchxrayvision's classifier) | geometry (synthetic films' oracle, offline)
+    adherence_min_cases: int = setting(5, min=1)  # a finding needs this many positive and negative images, else it is skipped
+    audit_percentile: float = setting(99.9, above=0.0, below=100.0)  # flag only above this percentile of real test images' nearest-train similarities too
     resolution: int = setting(128, min=8)
     fit: str = setting("stretch", choices=("stretch", "pad", "crop"))
     cache_dir: str = ""  # "" = OUT/cache (on Kaggle: /tmp, outside the output); real-image features, resized images
@@ -273,8 +276,10 @@ _CPU_SMOKE_TRAIN = dict(
 )
 _SMOKE_STAGES = {
     "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
-    # Offline demo: the stand-in network, and no XRV DenseNet (its weights are a download).
-    "evaluate": {"feature_net": "standin", "bootstrap": 50, "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit")},
+    # Offline demo: the stand-in network, no XRV DenseNet (its weights are a download), and the
+    # synthetic films' geometry oracle for prompt adherence.
+    "evaluate": {"feature_net": "standin", "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"),
+                 "adherence_scorer": "geometry"},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 # fp16 because neither Kaggle's T4 nor older 16 GB cards (P100, V100) have bf16.

@@ -1,4 +1,5 @@
-"""The evaluation stage: FID, KID and IS from one feature pass, and a medical-image audit.
+"""The evaluation stage: FID, KID and IS from one feature pass, a memorisation audit with a
+real baseline, and prompt adherence (`cxr_helpers.adherence`).
 
 Real images are the test split, prepared to 128 px exactly as for training (same resize, same
 cache); generated images come from sample directories (metadata.csv). Every image goes through
@@ -17,7 +18,7 @@ import math
 import re
 import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import adherence as adh
 from .config import EvalConfig, config_to_dict
 from .errors import CxrError
 from .io import atomic_path, cache_root, can_reach, library_versions, write_csv, write_json
@@ -38,7 +40,9 @@ XRV_WEIGHTS_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw
 XRV_WEIGHTS_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_WEIGHTS_FILE
 STANDIN_NAME = "STAND-IN feature network (small random conv net, not Inception: not comparable to published FID/IS)"
 FID_BIAS_N = 2048
-METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv")
+AUDIT_BASELINE_SET = "audit baseline (real test vs train)"
+REAL_TEST_SET = "real test"
+METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
 
 
 # ---------------------------------------------------------------- feature networks -----------
@@ -425,7 +429,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """FID between feature sets a (n, d) and b (m, d), in float64.
 
     trace(sqrtm(S_a S_b)) is the sum of the singular values of Ac Bc^T / sqrt((n-1)(m-1)) (Ac, Bc
-    centred): exact, and an (n x m) problem instead of (d x d), so bootstrapping is cheap.
+    centred): exact, and an (n x m) problem instead of (d x d), so the jackknife and FID-infinity,
+    which recompute it dozens of times, stay cheap.
     """
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -478,15 +483,63 @@ def torchmetrics_is(logits: torch.Tensor, splits: int, seed: int, device: str = 
     return float(mean), float(std)
 
 
-def bootstrap_fid(real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of FID over resamples of both sets."""
-    generator = torch.Generator().manual_seed(seed)
+def fid_interval(real: torch.Tensor, fake: torch.Tensor, groups: int = 20, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """A `level` interval for FID at this N: estimate ± t * jackknife standard error.
+
+    Why not the bootstrap: resampling with replacement repeats points, which lowers the
+    covariance's rank and adds to FID's small-sample bias, so every resampled FID lands above
+    the estimate (2048-d, N = 1000: FID 106.8, percentile interval [150.1, 155.6]). The
+    delete-a-group jackknife only ever leaves points out: each set is cut into `groups` random
+    groups, FID is recomputed without each group in turn (the other set whole), and the two
+    sets' jackknife variances add (they are independent samples). The jackknife variance is
+    conservative in expectation (Efron & Stein 1981), the interval is centred on the estimate so
+    it always contains it, and with G groups the t quantile has G - 1 degrees of freedom. It
+    covers the mean FID of fresh samples of this N (tests/test_evaluate.py checks the coverage by
+    simulation); FID at infinite N is `fid_infinity`'s job, not this interval's.
+    """
+    from scipy.stats import t as student_t
+
+    estimate = frechet_distance(real, fake)
+    groups = min(groups, len(real) // 2, len(fake) // 2)  # each leave-out keeps at least half a set
+    if groups < 2:
+        return estimate, estimate
+    rng = np.random.default_rng(seed)
+    variance = 0.0
+    for which in ("real", "fake"):
+        values = []
+        own = real if which == "real" else fake
+        for group in np.array_split(rng.permutation(len(own)), groups):
+            keep = torch.ones(len(own), dtype=torch.bool, device=own.device)
+            keep[torch.from_numpy(group).to(own.device)] = False
+            values.append(frechet_distance(own[keep], fake) if which == "real" else frechet_distance(real, own[keep]))
+        values = np.asarray(values)
+        variance += (groups - 1) / groups * np.square(values - values.mean()).sum()
+    half = float(student_t.ppf(0.5 + level / 2, groups - 1) * math.sqrt(variance))
+    return estimate - half, estimate + half
+
+
+def fid_infinity(real: torch.Tensor, fake: torch.Tensor, points: int = 10, smallest: float = 0.2,
+                 seed: int = 0) -> float:
+    """FID extrapolated to infinitely many images (Chong & Forsyth, "Effectively Unbiased FID and
+    Inception Score and where to find them", CVPR 2020): FID's bias is linear in 1/N, so FID is
+    computed on random subsets of k images per set for `points` values of k from `smallest` x N
+    to N, a line is fitted to FID against 1/k, and its value at 1/k = 0 is returned. Results of
+    different N can be compared on it (plain FID only at equal N). Their code varies only the
+    generated set against fixed training statistics; here both sets are finite, so both are
+    subsampled to k together."""
+    n = min(len(real), len(fake))
+    ks = np.unique(np.linspace(max(2, round(smallest * n)), n, points).round().astype(int))
+    if len(ks) < 2:
+        return frechet_distance(real, fake)
+    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(resamples):
-        r = real[torch.randint(len(real), (len(real),), generator=generator)]
-        f = fake[torch.randint(len(fake), (len(fake),), generator=generator)]
+    for k in ks:
+        r = real[torch.from_numpy(rng.choice(len(real), k, replace=False)).to(real.device)]
+        f = fake[torch.from_numpy(rng.choice(len(fake), k, replace=False)).to(fake.device)]
         values.append(frechet_distance(r, f))
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+    slope, intercept = np.polyfit(1.0 / ks, values, 1)
+    return float(intercept)
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
@@ -532,43 +585,139 @@ def diversity(image_set: ImageSet) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["prompt", "images", "ms_ssim"])
 
 
-def audit(generated: ImageSet, gen_features: torch.Tensor, reference: ImageSet, ref_features: torch.Tensor,
-          ref_split: list[str], pixel_threshold: float, cosine_threshold: float) -> pd.DataFrame:
-    """Each generated image's nearest real image by feature cosine and by pixel correlation;
-    flagged when either is above its threshold. The real images are patient data."""
-    def unit(x):
-        return torch.nn.functional.normalize(x.double(), dim=1)
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.double(), dim=1)
 
-    cos = unit(gen_features) @ unit(ref_features).T
-    def centred(images):  # float32: 7,000 real films at 128 px stay under 0.5 GB
-        flat = images[:, 0].reshape(len(images), -1).float()
-        flat = flat - flat.mean(1, keepdim=True)
-        return torch.nn.functional.normalize(flat, dim=1)
 
-    gen_px = centred(generated.images)
-    best_corr, best_corr_idx = [], []
-    ref_px = centred(reference.images)
-    for start in range(0, len(gen_px), 256):  # chunked: n_gen x n_ref correlations
-        corr = gen_px[start:start + 256] @ ref_px.T
-        value, index = corr.max(dim=1)
-        best_corr.append(value)
-        best_corr_idx.append(index)
-    corr_value, corr_index = torch.cat(best_corr), torch.cat(best_corr_idx)
-    cos_value, cos_index = cos.max(dim=1)
-    table = pd.DataFrame({
-        "generated_file": generated.files, "prompt": generated.prompts,
-        "nearest_by_pixels": [reference.files[i] for i in corr_index.tolist()],
-        "nearest_by_pixels_split": [ref_split[i] for i in corr_index.tolist()],
-        "pixel_correlation": corr_value.numpy(),
-        "nearest_by_features": [reference.files[i] for i in cos_index.tolist()],
-        "feature_cosine": cos_value.numpy(),
-    })
-    table["flagged"] = (table["pixel_correlation"] >= pixel_threshold) | (table["feature_cosine"] >= cosine_threshold)
-    table["ref_index"] = corr_index.numpy()
+def _centred_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Unit-length, mean-centred pixels: their dot product is the Pearson correlation. float32:
+    7,000 real films at 128 px stay under 0.5 GB."""
+    flat = images[:, 0].reshape(len(images), -1).float()
+    return torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
+
+
+def nearest(images: torch.Tensor, features: torch.Tensor, ref_images: torch.Tensor,
+            ref_features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each image's nearest reference image by pixel correlation and by feature cosine."""
+    px, ref_px = _centred_pixels(images), _centred_pixels(ref_images)
+    corr_value, corr_index = [], []
+    for start in range(0, len(px), 256):  # chunked: n x n_ref correlations
+        value, index = (px[start:start + 256] @ ref_px.T).max(dim=1)
+        corr_value.append(value)
+        corr_index.append(index)
+    cos_value, cos_index = (_unit(features) @ _unit(ref_features).T).max(dim=1)
+    return {"pixel_correlation": torch.cat(corr_value), "pixel_index": torch.cat(corr_index),
+            "feature_cosine": cos_value, "feature_index": cos_index}
+
+
+@dataclass
+class AuditBaseline:
+    """How close real images of other patients come to the training images: each real test
+    image's nearest training image. A generated image is flagged only when it is closer to a
+    training image than `percentile` of these, and above the fixed thresholds too."""
+
+    percentile: float
+    pixel_correlation: float  # the percentile of the test images' nearest-train correlations
+    feature_cosine: float
+    n_test: int
+    n_train: int
+    closest_test: int  # the real test image closest to a training image (by pixels), for the figure
+    closest_train: int
+    closest_correlation: float
+    pixel_threshold: float  # a similarity above max(the fixed threshold, the baseline's percentile) flags
+    cosine_threshold: float
+
+
+def audit_baseline(test: ImageSet, test_features: torch.Tensor, train: ImageSet, train_features: torch.Tensor,
+                   pixel_threshold: float, cosine_threshold: float, percentile: float = 99.9) -> AuditBaseline:
+    near = nearest(test.images, test_features, train.images, train_features)
+    # "higher": an observed value, never interpolated below the largest; with fewer than 1,000 test
+    # films the 99.9th percentile is their maximum, and a film only as close as that is not flagged.
+    pixel = float(np.percentile(near["pixel_correlation"].numpy(), percentile, method="higher"))
+    cosine = float(np.percentile(near["feature_cosine"].numpy(), percentile, method="higher"))
+    top = int(near["pixel_correlation"].argmax())
+    return AuditBaseline(percentile, pixel, cosine, len(test.images), len(train.images), top,
+                         int(near["pixel_index"][top]), float(near["pixel_correlation"][top]),
+                         max(pixel_threshold, pixel), max(cosine_threshold, cosine))
+
+
+def audit(generated: ImageSet, gen_features: torch.Tensor, train: ImageSet, train_features: torch.Tensor,
+          test: ImageSet, test_features: torch.Tensor, baseline: AuditBaseline) -> pd.DataFrame:
+    """Each generated image's nearest training image and nearest test image, by pixel correlation
+    and by feature cosine. A training-image match above the thresholds is possible memorisation
+    (the model saw that film); a test-image match is reported apart: the model never saw it, so a
+    near-copy there is chance or a duplicate film, not memorisation. The real images are patient data."""
+    table = pd.DataFrame({"generated_file": generated.files, "prompt": generated.prompts})
+    for split, image_set, features in (("train", train, train_features), ("test", test, test_features)):
+        near = nearest(generated.images, gen_features, image_set.images, features)
+        table[f"nearest_{split}_by_pixels"] = [image_set.files[i] for i in near["pixel_index"].tolist()]
+        table[f"{split}_pixel_correlation"] = near["pixel_correlation"].numpy()
+        table[f"nearest_{split}_by_features"] = [image_set.files[i] for i in near["feature_index"].tolist()]
+        table[f"{split}_feature_cosine"] = near["feature_cosine"].numpy()
+        table[f"flagged_{split}"] = ((table[f"{split}_pixel_correlation"] > baseline.pixel_threshold)
+                                     | (table[f"{split}_feature_cosine"] > baseline.cosine_threshold))
+        table[f"{split}_index"] = near["pixel_index"].numpy()
     return table
 
 
 # ---------------------------------------------------------------- the stage ------------------
+
+def load_xrv(cfg: EvalConfig, device: str, notes: list[str], purpose: str) -> "XRVFeatures | None":
+    """The XRV DenseNet, or None with a note when it cannot be had (it is optional)."""
+    try:
+        return XRVFeatures(cfg.xrv_weights or None).to(device)
+    except ImportError as exc:  # optional: skipped with a note, not fatal
+        notes.append(f"XRV DenseNet {purpose} skipped: torchxrayvision is not installed ({exc}); "
+                     "pip install torchxrayvision")
+    except CxrError as exc:
+        if cfg.xrv_weights:  # weights the user named must load
+            raise
+        notes.append(f"XRV DenseNet {purpose} skipped: {exc}")
+    except Exception as exc:  # its download failing
+        if cfg.xrv_weights:  # weights the user named must load
+            raise CxrError(f"--xrv-weights {cfg.xrv_weights} could not be loaded ({exc.__class__.__name__}); "
+                           f"download {XRV_WEIGHTS_URL}") from None
+        notes.append(f"XRV DenseNet {purpose} skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
+                     f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
+    return None
+
+
+def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet, data_dir: Path,
+                     notes: list[str], progress: bool) -> pd.DataFrame:
+    """Per finding, the AUROC of the scorer's score against the label of the report each prompt
+    came from, for every generated set and for the real test films (the ceiling)."""
+    from .data import REPORTS_CSV, load_pairs, read_tables
+
+    reports, _ = read_tables(data_dir)
+    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
+        notes.append(f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
+                     "no report has a label; use the Kaggle dataset's original file")
+        return pd.DataFrame(columns=adh.ADHERENCE_COLUMNS)
+    labels = adh.report_labels(reports)
+    pairs = load_pairs(cfg.pairs)
+    by_prompt = adh.prompt_labels(pairs, labels)
+    parts = []
+    for name, image_set in generated:
+        known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
+        if not known:
+            notes.append(f"adherence skipped for {name}: none of its {len(set(image_set.prompts))} prompt(s) is the "
+                         f"impression of a report in {cfg.pairs}, so no image has a label; sample from that pairs.csv")
+            continue
+        if len(known) < len(image_set.prompts):
+            notes.append(f"adherence: {name}: {len(image_set.prompts) - len(known)} image(s) whose prompt is no "
+                         "report's impression are left out")
+        scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
+        truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
+        parts.append(adh.adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
+    truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
+    scores = scorer.score(real.images, cfg.batch_size, progress)
+    parts.append(adh.adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    table = pd.concat(parts, ignore_index=True)
+    if not len(table):
+        notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
+    return table
+
 
 def parse_generated(items) -> list[tuple[str, Path]]:
     sets = []
@@ -590,6 +739,7 @@ class EvalResult:
     out: Path
     table: pd.DataFrame
     audit: pd.DataFrame
+    adherence: pd.DataFrame
     diversity: pd.DataFrame
     feature_network: str
     notes: list[str]
@@ -619,6 +769,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     unknown = sorted(set(cfg.metrics) - set(METRICS))
     if unknown:
         raise CxrError(f"--metrics {', '.join(unknown)} not known; choose from {', '.join(METRICS)}")
+    if "adherence" in cfg.metrics and cfg.adherence_scorer not in adh.SCORERS:
+        raise CxrError(f"--adherence-scorer {cfg.adherence_scorer!r} is not known; use "
+                       f"{' or '.join(adh.SCORERS)} (geometry: the synthetic films' oracle, for offline runs)")
     if cfg.n is not None and cfg.n < 2:
         raise CxrError(f"--n must be at least 2 (FID needs two images per set to estimate a covariance), got {cfg.n}")
     sets = parse_generated(cfg.generated)
@@ -652,6 +805,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     kid_subset = min(cfg.kid_subset, n)
     if kid_subset < cfg.kid_subset and "kid" in cfg.metrics:
         notes.append(f"KID subset size lowered from {cfg.kid_subset} to {kid_subset} (the number of images per set)")
+    # KID's std is the spread over random subsets: it says something only when the subsets differ.
+    # Two subsets of S from N images share S^2/N images on average (all of them when S = N, where
+    # the std is ~0 whatever the data), so it is reported only when S <= N / 2.
+    kid_std_meaningful = 2 * kid_subset <= n
+    if "kid" in cfg.metrics and not kid_std_meaningful:
+        notes.append(f"KID has no std: its {kid_subset}-image subsets of {n} images overlap by "
+                     f"{kid_subset ** 2 / n:.0f} images on average (the same set when equal), so their spread "
+                     f"would not measure the estimate's uncertainty; a std needs --kid-subset at most N/2 = {n // 2}")
     is_splits = max(1, min(cfg.is_splits, n // 2))
 
     net = feature_net or load_feature_net(cfg)
@@ -681,12 +842,19 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     for name, image_set, pool, logits in compared:
         base = {"set": name, "n_real": len(real_pool), "n_generated": len(pool), "feature_network": net.name}
         if "fid" in cfg.metrics:
-            low, high = bootstrap_fid(real_pool, pool, cfg.bootstrap, cfg.seed) if cfg.bootstrap else (None, None)
-            rows.append({**base, "metric": "fid", "value": torchmetrics_fid(real_pool, pool, device),
-                         "ci_low": low, "ci_high": high})
+            value = torchmetrics_fid(real_pool, pool, device)
+            # The jackknife's and FID-infinity's dozens of FIDs run where the metric arithmetic does.
+            on_device = real_pool.to(device), pool.to(device)
+            low, high = (fid_interval(*on_device, cfg.interval_groups, cfg.seed) if cfg.interval_groups
+                         else (None, None))
+            if low is not None:  # centred on our own FID, equal to torchmetrics' to ~1e-6: re-centred on this one
+                half = (high - low) / 2
+                low, high = value - half, value + half
+            rows.append({**base, "metric": "fid", "value": value, "ci_low": low, "ci_high": high})
+            rows.append({**base, "metric": "fid_infinity", "value": fid_infinity(*on_device, seed=cfg.seed)})
         if "kid" in cfg.metrics:
             mean, std = torchmetrics_kid(real_pool, pool, kid_subset, cfg.seed, device)
-            rows.append({**base, "metric": "kid", "value": mean, "std": std})
+            rows.append({**base, "metric": "kid", "value": mean, "std": std if kid_std_meaningful else None})
         if "is" in cfg.metrics and logits.shape[1] > 0:
             mean, std = torchmetrics_is(logits, is_splits, cfg.seed, device)
             rows.append({**base, "metric": "is", "value": mean, "std": std})
@@ -709,42 +877,49 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
                 notes.append(f"{name}: no prompt has 2+ images; sample with --n-per-prompt 2 or more for diversity")
         diversity_table = pd.concat(parts, ignore_index=True) if parts else diversity_table
     audit_table = pd.DataFrame()
+    baseline = None
     if "audit" in cfg.metrics and train is not None:
-        reference = ImageSet("real", torch.cat([train.images, real.images]), train.prompts + real.prompts,
-                             train.files + real.files)
-        ref_split = ["train"] * len(train.images) + ["test"] * len(real.images)
-        ref_pool = torch.cat([train_all[0], real_all])
+        baseline = audit_baseline(real, real_all, train, train_all[0], cfg.audit_pixel_threshold,
+                                  cfg.audit_cosine_threshold, cfg.audit_percentile)
+        base_row = {"set": AUDIT_BASELINE_SET, "n_real": baseline.n_train, "n_generated": baseline.n_test,
+                    "feature_network": net.name}
+        rows.append({**base_row, "metric": "audit_baseline_pixel_correlation", "value": baseline.pixel_correlation,
+                     "feature_network": "pixels (Pearson correlation, 128 px)"})
+        rows.append({**base_row, "metric": "audit_baseline_feature_cosine", "value": baseline.feature_cosine})
         parts = []
         for name, image_set, pool, _ in compared[: len(generated)]:
-            table = audit(image_set, pool, reference, ref_pool, ref_split, cfg.audit_pixel_threshold,
-                          cfg.audit_cosine_threshold)
+            table = audit(image_set, pool, train, train_all[0], real, real_all, baseline)
             table.insert(0, "set", name)
             parts.append(table)
-            rows.append({"set": name, "metric": "audit_flagged", "value": int(table["flagged"].sum()),
-                         "n_real": len(reference.images), "n_generated": len(table), "feature_network": net.name})
+            counts = {"n_generated": len(table), "feature_network": net.name}
+            rows.append({"set": name, "metric": "audit_train_matches", "value": int(table["flagged_train"].sum()),
+                         "n_real": baseline.n_train, **counts})
+            rows.append({"set": name, "metric": "audit_test_matches", "value": int(table["flagged_test"].sum()),
+                         "n_real": baseline.n_test, **counts})
         audit_table = pd.concat(parts, ignore_index=True)
-    if "xrv" in cfg.metrics:
-        try:
-            xrv_net = XRVFeatures(cfg.xrv_weights or None).to(device)
-        except ImportError as exc:  # optional: skipped with a note, not fatal
-            notes.append(f"XRV DenseNet FID skipped: torchxrayvision is not installed ({exc}); "
-                         "pip install torchxrayvision")
-        except CxrError as exc:
-            if cfg.xrv_weights:  # weights the user named must load
-                raise
-            notes.append(f"XRV DenseNet FID skipped: {exc}")
-        except Exception as exc:  # its download failing
-            if cfg.xrv_weights:  # weights the user named must load
-                raise CxrError(f"--xrv-weights {cfg.xrv_weights} could not be loaded ({exc.__class__.__name__}); "
-                               f"download {XRV_WEIGHTS_URL}") from None
-            notes.append(f"XRV DenseNet FID skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
-                         f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
-        else:
-            x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
-            for name, image_set, *_ in compared:
-                x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
-                rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device),
-                             "n_real": len(x_real), "n_generated": len(x_pool), "feature_network": xrv_net.name})
+        if baseline.n_test * (1 - baseline.percentile / 100) < 1:
+            notes.append(f"audit baseline: with {baseline.n_test} real test images the {baseline.percentile:g}th "
+                         "percentile of their nearest-train similarities is their maximum (a finer percentile needs "
+                         f"{math.ceil(100 / (100 - baseline.percentile))} or more)")
+    xrv_purposes = [what for what, wanted in (("FID", "xrv" in cfg.metrics), ("prompt adherence", (
+        "adherence" in cfg.metrics and cfg.adherence_scorer == "xrv"))) if wanted]
+    xrv_net = load_xrv(cfg, device, notes, " and ".join(xrv_purposes)) if xrv_purposes else None
+    if "xrv" in cfg.metrics and xrv_net is not None:
+        x_real, _ = cached_embed(xrv_net, real_n, cache_dir, cfg.batch_size, progress, hits)
+        for name, image_set, *_ in compared:
+            x_pool, _ = embed(xrv_net, image_set.images, cfg.batch_size, f"xrv: {name}", progress)
+            rows.append({"set": name, "metric": "fid_xrv", "value": torchmetrics_fid(x_real, x_pool, device),
+                         "n_real": len(x_real), "n_generated": len(x_pool), "feature_network": xrv_net.name})
+    adherence_table = pd.DataFrame(columns=adh.ADHERENCE_COLUMNS)
+    if "adherence" in cfg.metrics and (cfg.adherence_scorer != "xrv" or xrv_net is not None):
+        scorer = (adh.XRVClassifier(features=xrv_net) if cfg.adherence_scorer == "xrv"
+                  else adh.SCORERS[cfg.adherence_scorer]())
+        adherence_table = prompt_adherence(cfg, scorer, [(name, s) for name, s, *_ in compared[: len(generated)]],
+                                           real, data_dir, notes, progress)
+        for row in adherence_table.itertuples():
+            rows.append({"set": row.set, "metric": f"auroc_{row.finding.lower().replace(' ', '_')}",
+                         "value": row.auroc, "ci_low": row.ci_low, "ci_high": row.ci_high,
+                         "n_generated": row.images, "feature_network": row.scorer})
 
     # Keys a row leaves out (std, interval, n_real) are blank in the table.
     table = pd.DataFrame(rows, columns=["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated",
@@ -756,18 +931,23 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
         "metrics": table.astype(object).where(table.notna(), None).to_dict("records"), "n_per_set": n, "notes": notes,
         "feature_network": net.name, "kid_subset": kid_subset, "is_splits": is_splits,
         "unreadable": {g.name: g.unreadable for g in generated},
+        "audit_baseline": asdict(baseline) if baseline else None,
         "config": config_to_dict(cfg), "versions": library_versions()})
     if len(audit_table):
-        write_csv(out / "audit.csv", audit_table.drop(columns="ref_index"))
+        write_csv(out / "audit.csv", audit_table.drop(columns=["train_index", "test_index"]))
     write_csv(out / "diversity.csv", diversity_table)
+    if "adherence" in cfg.metrics:
+        write_csv(out / "adherence.csv", adherence_table)
     folder = out / "figures"
     figures = {"metrics": plots.metric_intervals(table, save_to=folder / "metrics.png")}
     if len(audit_table):
-        figures["nearest_pairs"] = plots.nearest_pairs(audit_table, {g.name: g for g in generated}, reference,
+        figures["nearest_pairs"] = plots.nearest_pairs(audit_table, {g.name: g for g in generated}, train, real, baseline,
                                                        save_to=folder / "nearest_pairs.png")
+    if len(adherence_table):
+        figures["adherence"] = plots.adherence_bars(adherence_table, save_to=folder / "adherence.png")
     if len(diversity_table):
         figures["diversity"] = plots.diversity_per_prompt(diversity_table, save_to=folder / "diversity.png")
-    return EvalResult(out, table, audit_table, diversity_table, net.name, notes, hits, figures)
+    return EvalResult(out, table, audit_table, adherence_table, diversity_table, net.name, notes, hits, figures)
 
 
 def results_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -778,6 +958,17 @@ def results_table(table: pd.DataFrame) -> pd.DataFrame:
         if pd.notna(row["std"]):
             return f"{row['value']:.4g} ± {row['std']:.2g}"
         return f"{row['value']:.4g}"
+    table = table[~table["metric"].str.startswith("auroc_")]  # per finding: adherence_table
     wide = table.assign(cell=table.apply(cell, axis=1)).pivot(index="set", columns="metric", values="cell")
     counts = table.groupby("set")["n_generated"].max().rename("N")
     return wide.join(counts).reindex(list(dict.fromkeys(table["set"])))
+
+
+def adherence_table(adherence: pd.DataFrame) -> pd.DataFrame:
+    """One row per finding, one column per set: "AUROC [low, high] (positives+/negatives-)"."""
+    if not len(adherence):
+        return pd.DataFrame()
+    cell = adherence.apply(lambda r: f"{r['auroc']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                                     f"({r['positives']}+/{r['negatives']}-)", axis=1)
+    wide = adherence.assign(cell=cell).pivot(index="finding", columns="set", values="cell")
+    return wide[list(dict.fromkeys(adherence["set"]))]

@@ -128,7 +128,7 @@ def loss_curve(loss: pd.DataFrame, save_to=None, smoothing: float = 0.9):
 
 def metric_intervals(table: pd.DataFrame, save_to=None):
     """One panel per metric: a bar per set with its 95% interval (FID) or ± std (KID, IS)."""
-    metrics = [m for m in ("fid", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
+    metrics = [m for m in ("fid", "fid_infinity", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
                            "fid_xrv") if m in set(table["metric"])]
     cols = min(4, max(1, len(metrics)))
     rows = max(1, int(np.ceil(len(metrics) / cols)))
@@ -141,7 +141,7 @@ def metric_intervals(table: pd.DataFrame, save_to=None):
         values = part["value"].astype(float).to_numpy()
         low = np.where(part["ci_low"].notna(), values - part["ci_low"].astype(float), part["std"].astype(float).fillna(0))
         high = np.where(part["ci_high"].notna(), part["ci_high"].astype(float) - values, part["std"].astype(float).fillna(0))
-        # FID's interval is a bootstrap percentile interval: it need not contain the point estimate.
+        # FID's interval is centred on the estimate (jackknife), so the error bars are never negative.
         ax.bar(range(len(part)), values, yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)], capsize=4,
                color=["#4c72b0", "#dd8452", "#55a868", "#8172b2"][: len(part)])
         ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18) for s in part["set"]], rotation=20, ha="right")
@@ -152,19 +152,29 @@ def metric_intervals(table: pd.DataFrame, save_to=None):
     return _finish(fig, save_to)
 
 
-def nearest_pairs(audit: pd.DataFrame, sets: dict, reference, top: int = 6, save_to=None):
-    """The generated images closest to a real (patient) image, beside that image."""
-    closest = audit.sort_values("pixel_correlation", ascending=False).head(top)
-    images, captions = [], []
-    for row in closest.itertuples():
+def nearest_pairs(audit: pd.DataFrame, sets: dict, train, test, baseline, top: int = 5, save_to=None):
+    """The audit's baseline pair (the real test image closest to a training image) first, then the
+    generated images closest to a real (patient) image, each beside that image."""
+    images = [test.images[baseline.closest_test, 0].numpy(), train.images[baseline.closest_train, 0].numpy()]
+    captions = [f"BASELINE real test (other patient): {test.files[baseline.closest_test]}",
+                f"its nearest train image, r={baseline.closest_correlation:.3f}"]
+    closest = audit.assign(best=audit[["train_pixel_correlation", "test_pixel_correlation"]].max(axis=1))
+    for row in closest.sort_values("best", ascending=False).head(top).itertuples():
         image_set = sets[row.set]
+        split = "train" if row.train_pixel_correlation >= row.test_pixel_correlation else "test"
+        reference = train if split == "train" else test
+        flag = getattr(row, f"flagged_{split}")
         images.append(image_set.images[image_set.files.index(row.generated_file), 0].numpy())
-        images.append(reference.images[row.ref_index, 0].numpy())
-        flag = " FLAGGED" if row.flagged else ""
-        captions += [f"{row.set}: {row.generated_file}{flag}",
-                     f"nearest real ({row.nearest_by_pixels_split}), r={row.pixel_correlation:.3f}"]
-    return image_grid(images, captions, columns=4, save_to=save_to,
-                      title="memorisation audit: closest generated / real pairs (real images are patient data)")
+        images.append(reference.images[getattr(row, f"{split}_index"), 0].numpy())
+        what = {"train": "MEMORISED? ", "test": "MATCHES A TEST FILM "}[split] if flag else ""
+        captions += [f"{what}{row.set}: {row.generated_file}",
+                     f"nearest real ({split}), r={getattr(row, f'{split}_pixel_correlation'):.3f}"]
+    title = (f"memorisation audit: {int(audit['flagged_train'].sum())} training-image matches (memorisation), "
+             f"{int(audit['flagged_test'].sum())} test-image matches (not memorisation); flagged above "
+             f"r {baseline.pixel_threshold:.3f} or cosine {baseline.cosine_threshold:.4f}\n(baseline: "
+             f"{baseline.percentile:g}th percentile of {baseline.n_test} real test films vs {baseline.n_train} train "
+             f"films: r {baseline.pixel_correlation:.3f}, cosine {baseline.feature_cosine:.4f}; real images are patient data)")
+    return image_grid(images, captions, columns=4, save_to=save_to, title=title)
 
 
 def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
@@ -174,4 +184,34 @@ def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
     ax.set_xlabel("mean pairwise MS-SSIM among images of one prompt (lower = more diverse)")
     ax.set_ylabel("prompts")
     ax.legend()
+    return _finish(fig, save_to)
+
+
+def adherence_bars(adherence: pd.DataFrame, save_to=None):
+    """Prompt adherence: per finding, the AUROC of each set (base / fine-tuned / real test) with
+    its 95% interval; 0.5 (chance) drawn, 1 is perfect. Counts under each bar group."""
+    findings = list(dict.fromkeys(adherence["finding"]))
+    sets = list(dict.fromkeys(adherence["set"]))
+    width = 0.8 / max(1, len(sets))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(findings) * max(1, len(sets)) + 2), 3.8))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#c44e52"]
+    for k, name in enumerate(sets):
+        part = adherence[adherence["set"] == name].set_index("finding").reindex(findings)
+        x = np.arange(len(findings)) + (k - (len(sets) - 1) / 2) * width
+        values = part["auroc"].astype(float).to_numpy()
+        err = [np.nan_to_num(values - part["ci_low"].astype(float).to_numpy()),
+               np.nan_to_num(part["ci_high"].astype(float).to_numpy() - values)]
+        ax.bar(x, np.nan_to_num(values), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=name)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (0.5)")
+    labels = []
+    for finding in findings:
+        counts = adherence[adherence["finding"] == finding]
+        labels.append(finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-" for r in counts.itertuples()))
+    ax.set_xticks(range(len(findings)), labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUROC of the score vs the prompt's label")
+    scorers = sorted(set(adherence["scorer"]))
+    ax.set_title(textwrap.fill("Prompt adherence per finding (higher = the films show what the prompt says); "
+                               "scorer: " + "; ".join(scorers), 100), fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
     return _finish(fig, save_to)

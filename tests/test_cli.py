@@ -208,7 +208,7 @@ BAD_INPUTS = [
     (_eval("--generated", "GOOD/samples", "--kid-subset", "1"), "--kid-subset must be at least 2"),
     (_eval("--generated", "GOOD/samples", "--kid-subset", "0"), "--kid-subset must be at least 2"),
     (_eval("--generated", "GOOD/samples", "--prdc-k", "0"), "--prdc-k must be at least 1"),
-    (_eval("--generated", "GOOD/samples", "--bootstrap", "-1"), "--bootstrap must be at least 0"),
+    (_eval("--generated", "GOOD/samples", "--interval-groups", "-1"), "--interval-groups must be at least 0"),
     (_eval("--generated", "BAD/nofile_samples"), "lacks the column(s) file"),
     (_eval("--generated", "BAD/escaping_samples"), "lies outside"),
     (_eval("--generated", "GOOD/samples", "--metrics", "xrv", "--xrv-weights", "BAD/evil.pt"), "is not plain tensors"),

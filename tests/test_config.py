@@ -59,7 +59,7 @@ def test_auto_resolves_to_a_real_preset_everywhere(monkeypatch):
     (SampleConfig, {"resolution": 100}, "multiple of 8"),
     (EvalConfig, {"kid_subset": 1}, "--kid-subset must be at least 2"),
     (EvalConfig, {"prdc_k": 0}, "--prdc-k must be at least 1"),
-    (EvalConfig, {"bootstrap": -1}, "--bootstrap must be at least 0"),
+    (EvalConfig, {"interval_groups": -1}, "--interval-groups must be at least 0"),
     (PrepareConfig, {"test_fraction": 1.0}, "--test-fraction must be more than 0.0 and less than 1.0"),
     (PrepareConfig, {"split": "random"}, "use patient or image"),
     (SynthConfig, {"reports": 0}, "--reports must be at least 1"),

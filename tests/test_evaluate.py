@@ -40,7 +40,7 @@ def generated(tmp_path_factory, tiny_model_dir, lora_dir, pairs_csv):
 
 def config(pairs_csv, synth_dir, out, generated, **kw):
     base = dict(pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(out), generated=tuple(generated),
-                feature_net="standin", bootstrap=20)
+                feature_net="standin", interval_groups=10)
     base.update(kw)
     return stage_config(EvalConfig, **base)
 
@@ -63,6 +63,50 @@ def test_fid_of_two_known_gaussians_matches_the_closed_form():
     # ||mu||^2 + tr(I + S - 2 S^1/2) = 1 + (1 + 4 - 4) = 2
     assert ev.frechet_distance(a, b) == pytest.approx(2.0, abs=0.08)
     assert ev.torchmetrics_fid(a, b) == pytest.approx(2.0, abs=0.08)
+
+
+def _gaussian_pair(g, n, d, shift, scale):
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return a, torch.randn(n, d, generator=g, dtype=torch.float64) * scale + shift
+
+
+def test_fid_interval_covers_the_mean_fid_at_that_n_in_about_95_percent_of_draws():
+    # Two known Gaussians: N(0, I) and N(0.4, 1.2^2 I) in 8-d, N = 80 per set. The mean FID of
+    # fresh samples of that N is what the interval is for (FID-infinity handles N -> infinity).
+    g = torch.Generator().manual_seed(0)
+    n, d, shift, scale = 80, 8, 0.4, 1.2
+    mean_fid = np.mean([ev.frechet_distance(*_gaussian_pair(g, n, d, shift, scale)) for _ in range(600)])
+    covered = []
+    for i in range(200):
+        a, b = _gaussian_pair(g, n, d, shift, scale)
+        low, high = ev.fid_interval(a, b, groups=10, seed=i)
+        assert low <= ev.frechet_distance(a, b) <= high
+        covered.append(low <= mean_fid <= high)
+    assert 0.90 <= np.mean(covered) <= 0.99
+
+
+def test_fid_interval_of_two_samples_of_one_distribution_contains_the_estimate():
+    # Fewer samples than dimensions, as with 2048-d Inception features and N < 2048: the old
+    # bootstrap's interval lay wholly above the estimate here.
+    g = torch.Generator().manual_seed(2)
+    a, b = _gaussian_pair(g, 60, 96, 0.0, 1.0)
+    estimate = ev.frechet_distance(a, b)
+    low, high = ev.fid_interval(a, b, groups=10, seed=0)
+    assert low < estimate < high and high - low < estimate
+    assert ev.fid_interval(a[:3], b[:3], groups=10) == (ev.frechet_distance(a[:3], b[:3]),) * 2  # too few to cut
+
+
+def test_fid_infinity_removes_the_small_sample_bias():
+    g = torch.Generator().manual_seed(3)
+    n, d, shift, scale = 200, 16, 0.3, 1.2
+    true_fid = d * shift ** 2 + d * (1 - scale) ** 2  # closed form for these two Gaussians: 2.08
+    plain, infinite = [], []
+    for i in range(20):
+        a, b = _gaussian_pair(g, n, d, shift, scale)
+        plain.append(ev.frechet_distance(a, b))
+        infinite.append(ev.fid_infinity(a, b, seed=i))
+    assert np.mean(plain) - true_fid > 0.8  # plain FID at N = 200 is ~1 above the truth here
+    assert abs(np.mean(infinite) - true_fid) < 0.3
 
 
 def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, synth_dir):
@@ -113,8 +157,12 @@ def test_copies_of_the_real_test_images_score_zero_and_are_all_flagged(pairs_csv
     # with itself); at this N it stays within a few 1e-3 (tiny-model noise images score ~3e-2).
     assert abs(value["copies", "kid"]) < 5e-3
     assert value["copies", "precision"] == value["copies", "recall"] == value["copies", "coverage"] == 1.0
-    assert bool(result.audit["flagged"].all()) and (result.audit["pixel_correlation"] > 0.999).all()
-    assert (result.audit["nearest_by_pixels_split"] == "test").all()
+    # Copies of test films match test films, which the model never saw: not memorisation.
+    assert bool(result.audit["flagged_test"].all()) and (result.audit["test_pixel_correlation"] > 0.999).all()
+    # Against the training films the copies are exactly the baseline's real test films: none lies
+    # above the baseline (fewer than 1,000 films: its 99.9th percentile is their maximum).
+    assert not result.audit["flagged_train"].any()
+    assert value["copies", "audit_test_matches"] == len(images) and value["copies", "audit_train_matches"] == 0
 
 
 def test_a_planted_training_image_is_flagged(pairs_csv, synth_dir, generated, tmp_path):
@@ -124,9 +172,15 @@ def test_a_planted_training_image_is_flagged(pairs_csv, synth_dir, generated, tm
     planted = write_set(tmp_path / "planted", images + [train_images[3]], meta["prompt"].tolist() + [train_prompts[3]])
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"gen={planted}"], metrics=("fid", "audit")),
                          progress=False)
-    flagged = result.audit[result.audit["flagged"]]
-    assert flagged["generated_file"].tolist() == [f"{len(images):05d}_00_seed{len(images)}.png"]
-    assert flagged["nearest_by_pixels_split"].tolist() == ["train"]
+    planted_file = f"{len(images):05d}_00_seed{len(images)}.png"
+    assert result.audit.loc[result.audit["flagged_train"], "generated_file"].tolist() == [planted_file]
+    assert not result.audit["flagged_test"].any()
+    # The baseline: real test films of other patients come less close to a training film than the copy.
+    baseline = json.loads((tmp_path / "eval" / "metrics.json").read_text())["audit_baseline"]
+    value = result.table.set_index(["set", "metric"])["value"]
+    assert value[ev.AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] == baseline["pixel_correlation"] < 0.999
+    assert baseline["pixel_threshold"] == max(0.95, baseline["pixel_correlation"]) and baseline["n_test"] > 0
+    assert value["gen", "audit_train_matches"] == 1 and value["gen", "audit_test_matches"] == 0
     assert (tmp_path / "eval" / "audit.csv").is_file() and (tmp_path / "eval" / "figures" / "nearest_pairs.png").is_file()
 
 
@@ -134,9 +188,10 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"fine-tuned={generated}"]), progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     csv = pd.read_csv(tmp_path / "eval" / "metrics.csv")
-    assert set(csv["set"]) == {"fine-tuned", "real train (floor)"}
-    assert {"fid", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
-            "audit_flagged"} <= set(csv["metric"])
+    assert set(csv["set"]) == {"fine-tuned", "real train (floor)", ev.AUDIT_BASELINE_SET}
+    assert {"fid", "fid_infinity", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
+            "audit_train_matches", "audit_test_matches", "audit_baseline_pixel_correlation",
+            "audit_baseline_feature_cosine"} <= set(csv["metric"])
     assert csv.loc[csv["metric"] == "fid", "feature_network"].str.startswith("STAND-IN").all()
     fid = csv[(csv["metric"] == "fid") & (csv["set"] == "fine-tuned")].iloc[0]
     assert fid["ci_low"] <= fid["value"] <= fid["ci_high"] and fid["n_real"] == fid["n_generated"] == saved["n_per_set"]
@@ -146,6 +201,8 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     assert {row["n_real"] for row in saved["metrics"] if row["metric"] == "ms_ssim_within_prompt"} == {None}
     notes = " ".join(saved["notes"])
     assert "biased" in notes and "KID subset size lowered" in notes and "STAND-IN" in notes and "XRV" in notes
+    # Subsets as large as the set are all the same set: no std, and a note that says why.
+    assert "KID has no std" in notes and csv.loc[csv["metric"] == "kid", "std"].isna().all()
     assert saved["versions"]["torchmetrics"]
     diversity = pd.read_csv(tmp_path / "eval" / "diversity.csv")
     distinct = pd.read_csv(generated / "metadata.csv")["prompt"].nunique()  # grouped by prompt text
@@ -153,7 +210,7 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     for name in ("metrics.png", "diversity.png", "nearest_pairs.png"):
         assert (tmp_path / "eval" / "figures" / name).is_file()
     table = ev.results_table(result.table)
-    assert list(table.index) == ["fine-tuned", "real train (floor)"] and "[" in table.loc["fine-tuned", "fid"]
+    assert list(table.index)[:2] == ["fine-tuned", "real train (floor)"] and "[" in table.loc["fine-tuned", "fid"]
 
 
 def test_real_features_are_cached(pairs_csv, synth_dir, generated, tmp_path, monkeypatch):
@@ -194,7 +251,7 @@ def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
 def test_metrics_may_be_written_comma_separated(pairs_csv, synth_dir, generated, tmp_path):
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"gen={generated}"], metrics=("fid,kid",),
                                 real_floor=False), progress=False)
-    assert set(result.table["metric"]) == {"fid", "kid"}
+    assert set(result.table["metric"]) == {"fid", "fid_infinity", "kid"}
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["config"]["metrics"] == ["fid", "kid"]
 

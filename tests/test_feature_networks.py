@@ -62,7 +62,7 @@ def test_evaluate_with_a_local_inception_weights_file(pairs_csv, synth_dir, ince
     others = write_set(tmp_path / "others", *split_images(pairs_csv, synth_dir, "train"))
     cfg = stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(tmp_path / "eval"),
                        generated=(f"copies={copies}", f"others={others}"), feature_weights=str(inception_weights),
-                       n=4, metrics=("fid", "kid", "is"), real_floor=False, bootstrap=0)
+                       n=4, metrics=("fid", "kid", "is"), real_floor=False, interval_groups=0)
     result = ev.evaluate(cfg, progress=False)
     assert cfg.feature_net == "inception"
     assert set(result.table["feature_network"]) == {ev.InceptionFeatures.name}
@@ -124,7 +124,7 @@ def test_xrv_fid_from_a_local_weights_file(pairs_csv, synth_dir, xrv_weights, tm
     copies = write_set(tmp_path / "copies", images, prompts)
     cfg = stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(tmp_path / "eval"),
                        generated=(f"copies={copies}",), feature_net="standin", xrv_weights=str(xrv_weights),
-                       metrics=("fid", "xrv"), bootstrap=0)
+                       metrics=("fid", "xrv"), interval_groups=0)
     result = ev.evaluate(cfg, progress=False)
     xrv_rows = result.table[result.table["metric"] == "fid_xrv"].set_index("set")
     assert list(xrv_rows.index) == ["copies", "real train (floor)"]
@@ -140,7 +140,7 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     images, prompts = split_images(pairs_csv, synth_dir, "test")
     gen = write_set(tmp_path / "gen", images[:4], prompts[:4])
     base = dict(pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(tmp_path / "eval"), generated=(str(gen),),
-                feature_net="standin", metrics=("fid", "xrv"), bootstrap=0)
+                feature_net="standin", metrics=("fid", "xrv"), interval_groups=0)
     # Not given, not cached, no internet: skipped, and the note names the file to fetch.
     monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path / "xrv-cache"))
     result = ev.evaluate(stage_config(EvalConfig, **base), progress=False)
@@ -191,7 +191,7 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     gen = write_set(tmp_path / "gen", images[:4], prompts[:4])
     for weights in (evil, tmp_path / "evil.pt"):
         cfg = stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth_dir), out=str(tmp_path / "eval"),
-                           generated=(str(gen),), feature_net="standin", metrics=("fid", "xrv"), bootstrap=0,
+                           generated=(str(gen),), feature_net="standin", metrics=("fid", "xrv"), interval_groups=0,
                            xrv_weights=str(weights))
         with pytest.raises(CxrError, match=r"is not plain tensors \(it needs .*system\); not unpickling it"):
             ev.evaluate(cfg, progress=False)

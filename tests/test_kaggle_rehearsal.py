@@ -31,7 +31,7 @@ SIZE = {
     "01_data_exploration.ipynb": {},
     "02_lora_finetune.ipynb": {"MAX_STEPS": 6, "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3, "VALIDATION_SEEDS": [0]},
     "03_sampling_gallery.ipynb": {"STEPS": 4, "N_GALLERY": 2, "EXPORT_COUNT": 1},
-    "04_evaluation.ipynb": {"N_PROMPTS": 6, "BOOTSTRAP": 20},
+    "04_evaluation.ipynb": {"N_PROMPTS": 6, "FID_INTERVAL_GROUPS": 5},
 }
 
 

@@ -9,6 +9,8 @@ import nbformat
 import pandas as pd
 import pytest
 
+from cxr_helpers.adherence import GeometryOracle
+from cxr_helpers.evaluate import AUDIT_BASELINE_SET, REAL_TEST_SET
 from cxr_helpers.notebook import list_notebooks, run_notebooks
 
 NOTEBOOKS = list_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
@@ -99,11 +101,25 @@ def test_notebook_04_scores_base_tuned_and_floor_with_a_named_stand_in(demo_run)
     out, _ = demo_run
     rec = json.loads((out / "records" / "04_evaluation.json").read_text())
     metrics = pd.read_csv(out / "eval" / "metrics.csv")
-    assert set(rec["fid"]) == {"base", "fine-tuned", "real train (floor)"} == set(metrics["set"])
+    assert set(rec["fid"]) == {"base", "fine-tuned", "real train (floor)"} == set(rec["fid_infinity"])
+    assert set(metrics["set"]) - set(rec["fid"]) <= {AUDIT_BASELINE_SET, REAL_TEST_SET}
     for name, value in rec["fid"].items():
         assert value == pytest.approx(metrics.query("set == @name and metric == 'fid'")["value"].iloc[0])
     assert rec["fid"]["real train (floor)"] < min(rec["fid"]["base"], rec["fid"]["fine-tuned"])  # real is the floor
     assert rec["feature_network"].startswith("STAND-IN") and metrics["feature_network"].str.contains("STAND-IN").any()
     assert any("biased" in note for note in rec["notes"])
-    assert set(rec["figures"]) == {"metrics.png", "nearest_pairs.png", "diversity.png"}
+    assert {"metrics.png", "nearest_pairs.png", "diversity.png"} <= set(rec["figures"])
+    # The audit's two counts and its baseline are in metrics.csv.
+    value = metrics.set_index(["set", "metric"])["value"]
+    assert rec["train_matches"] == value["base", "audit_train_matches"] + value["fine-tuned", "audit_train_matches"]
+    assert 0 < value[AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] <= 1
+    # Prompt adherence on the smoke preset: the geometry oracle, and the real synthetic films
+    # (the ceiling) well above chance; a finding without enough cases is skipped with a note.
+    adherence = pd.DataFrame(rec["adherence"])
+    assert (adherence["scorer"] == GeometryOracle.name).all() and "adherence.png" in rec["figures"]
+    real = adherence.set_index(["set", "finding"]).loc[(REAL_TEST_SET, "Cardiomegaly")]
+    assert real["auroc"] > 0.75 and min(real["positives"], real["negatives"]) >= 5
+    generated_rows = adherence[adherence["set"].isin(["base", "fine-tuned"])]
+    for name in {"base", "fine-tuned"} - set(generated_rows["set"]):  # too few cardiomegaly prompts in 12
+        assert any(note.startswith(f"adherence: {name}: skipped") and "Cardiomegaly" in note for note in rec["notes"])
     assert len(pd.read_csv(out / "eval" / "samples" / "fine-tuned" / "metadata.csv")) == 24  # 12 test pairs x 2

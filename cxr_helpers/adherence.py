@@ -1,0 +1,209 @@
+"""Prompt adherence: does a film generated for a report's impression show that report's findings?
+
+A chest X-ray classifier scores each image for the findings it knows; the labels come from the
+report the prompt was taken from (its MeSH and Problems columns, mapped to the classifier's
+findings by REPORT_TERM_TO_FINDING). Per finding, the AUROC of the score against the label says
+how well the images separate the prompts that name the finding from those that do not: 0.5 is
+chance, 1 is perfect. Real test films, scored the same way, are the ceiling of what the classifier
+can see.
+
+Scorers are looked up by name in SCORERS:
+- "xrv": torchxrayvision's DenseNet-121 (`densenet121-res224-all`), the network of the domain FID;
+- "geometry": an oracle for the procedural films of `cxr_helpers.synthetic` only, which measures
+  the heart's size from the renderer's known geometry (no weights, no download): for offline
+  tests and the smoke demo.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .synthetic import heart_width_fraction
+
+# MeSH / Problems major term (lower case, as in indiana_reports.csv) -> the classifier's finding
+# (torchxrayvision's pathology names). Terms not listed here give no label.
+REPORT_TERM_TO_FINDING = {
+    "cardiomegaly": "Cardiomegaly",
+    "pleural effusion": "Effusion",
+    "pulmonary atelectasis": "Atelectasis",
+    "atelectasis": "Atelectasis",
+    "pulmonary emphysema": "Emphysema",
+    "emphysema": "Emphysema",
+    "pulmonary disease, chronic obstructive": "Emphysema",
+    "opacity": "Lung Opacity",
+    "airspace disease": "Lung Opacity",
+    "consolidation": "Consolidation",
+    "pneumonia": "Pneumonia",
+    "pneumothorax": "Pneumothorax",
+    "pulmonary edema": "Edema",
+    "edema": "Edema",
+    "pulmonary fibrosis": "Fibrosis",
+    "nodule": "Nodule",
+    "calcified granuloma": "Nodule",  # a calcified granuloma is a small calcified nodule on the film
+    "mass": "Mass",
+    "hernia, hiatal": "Hernia",
+    "fractures, bone": "Fracture",
+    "infiltrate": "Infiltration",
+}
+
+
+def report_terms(mesh: str, problems: str) -> set[str]:
+    """Major terms of one report: "Cardiomegaly/mild;Opacity/lung/base" -> {cardiomegaly, opacity}."""
+    terms = {t.split("/")[0].strip().lower() for t in str(mesh or "").split(";")}
+    terms |= {t.strip().lower() for t in str(problems or "").split(";")}
+    return terms - {""}
+
+
+def report_labels(reports: pd.DataFrame) -> pd.DataFrame:
+    """One row per report uid, one boolean column per mapped finding."""
+    findings = sorted(set(REPORT_TERM_TO_FINDING.values()))
+    rows = []
+    blank = pd.Series([""] * len(reports), index=reports.index)
+    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank)):
+        mapped = {REPORT_TERM_TO_FINDING[t] for t in report_terms(mesh, problems) if t in REPORT_TERM_TO_FINDING}
+        rows.append({"uid": int(uid), **{f: f in mapped for f in findings}})
+    table = pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")
+    return table.groupby(level=0).max()  # a uid listed twice: the findings of both rows
+
+
+def prompt_labels(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """One row per prompt text: a finding is positive when most of the reports with that
+    impression carry it (the same impression can come from several reports)."""
+    reports = pairs.drop_duplicates("uid")  # a report's frontal and lateral films share its impression
+    per_report = labels.reindex(reports["uid"].astype(int).to_numpy())
+    per_report.index = reports["prompt"].to_numpy()
+    per_report = per_report.dropna()  # a uid that indiana_reports.csv lacks gives no label
+    return per_report.astype(float).groupby(level=0).mean() >= 0.5
+
+
+def auroc_with_interval(scores, labels, level: float = 0.95) -> tuple[float, float, float]:
+    """AUROC (the Mann-Whitney statistic) and DeLong's interval (DeLong et al. 1988, midrank form
+    of Sun & Xu 2014), clipped to [0, 1]."""
+    from scipy.stats import norm, rankdata
+
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    pos, neg = scores[labels], scores[~labels]
+    m, n = len(pos), len(neg)
+    both = rankdata(np.concatenate([pos, neg]))
+    auc = (both[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v10 = (both[:m] - rankdata(pos)) / n  # per positive: share of negatives it outranks
+    v01 = 1.0 - (both[m:] - rankdata(neg)) / m  # per negative: share of positives that outrank it
+    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+    half = float(norm.ppf(0.5 + level / 2) * math.sqrt(var))
+    return float(auc), max(0.0, auc - half), min(1.0, auc + half)
+
+
+# ---------------------------------------------------------------- scorers --------------------
+
+def is_lateral(pixels: np.ndarray) -> bool:
+    """Synthetic films: a lateral view has the spine bright at ~78% of the width and lung at the
+    middle; a PA view has the mediastinum bright at the middle and lung at 78%."""
+    img = np.asarray(pixels, dtype=np.float32)
+    h, w = img.shape
+    band = img[int(h * 0.3): int(h * 0.5)].mean(axis=0)
+    return float(band[int(w * 0.72): int(w * 0.84)].mean() - band[int(w * 0.45): int(w * 0.55)].mean()) > 0
+
+
+def lateral_heart_edge(pixels: np.ndarray) -> float:
+    """Synthetic lateral films: the heart's posterior edge (fraction of the width), walking back
+    from just behind the sternum along the heart's level while the row stays heart-dense."""
+    img = np.asarray(pixels, dtype=np.float32)
+    h, w = img.shape
+    row = img[int(h * 0.56): int(h * 0.64)].mean(axis=0)
+    lung = np.percentile(row[int(w * 0.3): int(w * 0.75)], 10)
+    x = int(w * 0.36)
+    threshold = (lung + row[x]) / 2
+    while x < w - 1 and row[x + 1] > threshold:
+        x += 1
+    return x / w
+
+
+class GeometryOracle:
+    """Cardiomegaly measured on `cxr_helpers.synthetic` films: the heart's width over the chest's
+    on PA views, the heart's posterior edge on laterals, each as a z-score around the midpoint
+    between the renderer's normal and enlarged hearts (measured on 400 synthetic films at 128 px),
+    so the two views rank on one scale. Meaningful for the synthetic films only: it is the
+    offline stand-in for a classifier, with known right answers."""
+
+    name = "geometry oracle (synthetic films only: heart size from the renderer's geometry)"
+    findings = ("Cardiomegaly",)
+    # (midpoint, spread): PA heart/chest width normal 0.42, enlarged 0.51; lateral edge 0.52 / 0.62.
+    PA = (0.46, 0.05)
+    LATERAL = (0.57, 0.025)
+
+    def score(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+        values = []
+        for film in images[:, 0].numpy():
+            if is_lateral(film):
+                centre, spread = self.LATERAL
+                values.append((lateral_heart_edge(film) - centre) / spread)
+            else:
+                centre, spread = self.PA
+                values.append((heart_width_fraction(film) - centre) / spread)
+        return pd.DataFrame({"Cardiomegaly": values})
+
+
+class XRVClassifier:
+    """torchxrayvision's DenseNet-121 (`densenet121-res224-all`): a score per pathology it was
+    trained on; its weights are handled as for the domain FID (`evaluate.XRVFeatures`)."""
+
+    def __init__(self, weights: str | None = None, features=None):
+        from .evaluate import XRVFeatures
+
+        self.features = features or XRVFeatures(weights or None)
+        import torchxrayvision as xrv
+
+        from .evaluate import XRV_WEIGHTS_NAME
+
+        self.net = self.features.net
+        self.name = f"torchxrayvision {XRV_WEIGHTS_NAME} classifier"
+        # A network built from a .safetensors state dict has no `pathologies`: the release's list.
+        self.outputs = list(getattr(self.net, "pathologies", None) or xrv.models.model_urls[XRV_WEIGHTS_NAME]["labels"])
+        self.findings = tuple(p for p in self.outputs if p)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+        from tqdm.auto import tqdm
+
+        device = next(self.net.parameters()).device
+        outputs = []
+        for start in tqdm(range(0, len(images), batch_size), desc="adherence: classifier", disable=not progress):
+            x = images[start:start + batch_size, :1].to(device).float() / 255.0 * 2048.0 - 1024.0
+            x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+            outputs.append(self.net(x).float().cpu())
+        table = torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.outputs)))
+        frame = pd.DataFrame(table, columns=self.outputs)
+        return frame[list(self.findings)]
+
+
+SCORERS = {"xrv": XRVClassifier, "geometry": GeometryOracle}
+
+
+# ---------------------------------------------------------------- the measure ----------------
+
+ADHERENCE_COLUMNS = ["set", "finding", "auroc", "ci_low", "ci_high", "positives", "negatives", "images", "scorer"]
+
+
+def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str, min_cases: int,
+              notes: list[str]) -> pd.DataFrame:
+    """Per finding both know, the AUROC of the scores against the labels (rows aligned); a finding
+    with fewer than `min_cases` positives or negatives is skipped with a note naming the counts."""
+    rows, skipped = [], []
+    for finding in [f for f in scores.columns if f in labels.columns]:
+        truth = labels[finding].to_numpy(dtype=bool)
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        row = {"set": name, "finding": finding, "positives": positives, "negatives": negatives,
+               "images": len(truth), "scorer": scorer_name}
+        if min(positives, negatives) < min_cases:
+            skipped.append(f"{finding} {positives}+/{negatives}-")
+            continue
+        auc, low, high = auroc_with_interval(scores[finding].to_numpy(), truth)
+        rows.append({**row, "auroc": auc, "ci_low": low, "ci_high": high})
+    if skipped:  # one note per set: the classifier knows up to 18 findings
+        notes.append(f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
+                     f"(positives+/negatives-): {', '.join(skipped)}")
+    return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS)
