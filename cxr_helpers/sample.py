@@ -59,14 +59,31 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pipe.load_lora_weights(str(lora_dir))
-        except (RuntimeError, ValueError, KeyError) as exc:
-            hint = f" (its config.json says it was trained on {base})" if base else ""
-            raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: "
-                           f"{str(exc).splitlines()[0][:200]}; pass the --model it was trained on") from None
+                # weight_name always: diffusers < 0.33 refuses a folder without it in offline mode.
+                pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
+        except Exception as exc:  # the library's own reason is kept: our guess about it may be wrong
+            reason = _library_reason(exc)
+            if "size mismatch" in reason:
+                hint = f" (its config.json says it was trained on {base})" if base else ""
+                raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: {reason}; "
+                               "pass the --model it was trained on") from None
+            raise CxrError(f"could not load LoRA {lora_dir} into {model}: {reason}; if the file is damaged, "
+                           "copy the lora/ folder again from the training run") from None
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
     return pipe
+
+
+def _library_reason(exc: BaseException) -> str:
+    """The library's words for a failure: the first shape mismatch it lists if any, else its
+    first line, followed by the first line of the error it wraps (diffusers wraps safetensors')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.startswith("size mismatch")]
+    reason = f"{type(exc).__name__}: {(mismatch or lines or [''])[0]}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip():
+        reason += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
+    return reason[:400]
 
 
 def _lora_base(lora_dir: Path) -> str | None:
