@@ -59,7 +59,7 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # weight_name always: diffusers < 0.33 refuses a folder without it in offline mode.
+                # weight_name always: older diffusers (0.32 among them) refuse a folder without it offline.
                 pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
         except Exception as exc:  # the library's own reason is kept: our guess about it may be wrong
             reason = _library_reason(exc)
