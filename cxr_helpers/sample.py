@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
-from .errors import CxrError
+from .errors import CxrError, library_reason
 from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -62,7 +62,7 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
                 # weight_name always: older diffusers (0.32 among them) refuse a folder without it offline.
                 pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
         except Exception as exc:  # the library's own reason is kept: our guess about it may be wrong
-            reason = _library_reason(exc)
+            reason = library_reason(exc)
             if "size mismatch" in reason:
                 hint = f" (its config.json says it was trained on {base})" if base else ""
                 raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: {reason}; "
@@ -72,18 +72,6 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
     return pipe
-
-
-def _library_reason(exc: BaseException) -> str:
-    """The library's words for a failure: the first shape mismatch it lists if any, else its
-    first line, followed by the first line of the error it wraps (diffusers wraps safetensors')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    mismatch = [line for line in lines if line.startswith("size mismatch")]
-    reason = f"{type(exc).__name__}: {(mismatch or lines or [''])[0]}"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause).strip():
-        reason += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
-    return reason[:400]
 
 
 def _lora_base(lora_dir: Path) -> str | None:
