@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import adherence as adh
 from .config import EvalConfig, config_to_dict
-from .errors import CxrError
+from .errors import CxrError, library_reason
 from .io import atomic_path, cache_root, can_reach, library_versions, write_csv, write_json
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
@@ -106,7 +106,7 @@ class InceptionFeatures(nn.Module):
             if path is not None and isinstance(exc, RuntimeError):  # load_state_dict: wrong keys or shapes
                 raise CxrError(f"{path} is not torch-fidelity's Inception FID weights "
                                f"({str(exc).splitlines()[0][:100]}); download {INCEPTION_WEIGHTS_URL}") from None
-            raise CxrError(f"could not get the Inception weights {INCEPTION_WEIGHTS_FILE} ({exc.__class__.__name__}); "
+            raise CxrError(f"could not get the Inception weights {INCEPTION_WEIGHTS_FILE} ({library_reason(exc)}); "
                            f"with no internet, download it from {INCEPTION_WEIGHTS_URL} and pass "
                            f"--feature-weights PATH (or put it in {torch.hub.get_dir()}/checkpoints/)") from None
         self.num_features = 2048

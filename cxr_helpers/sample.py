@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
-from .errors import CxrError
+from .errors import CxrError, library_reason
 from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
 from .ownership import claim
 
@@ -69,12 +69,16 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # weight_name always: diffusers 0.32 refuses a folder without it in offline mode.
+                # weight_name always: older diffusers (0.32 among them) refuse a folder without it offline.
                 pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            hint = f" (its config.json says it was trained on {base})" if base else ""
-            raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: "
-                           f"{str(exc).splitlines()[0][:200]}; pass the --model it was trained on") from None
+        except Exception as exc:  # the library's own reason is kept: our guess about it may be wrong
+            reason = library_reason(exc)
+            if "size mismatch" in reason:
+                hint = f" (its config.json says it was trained on {base})" if base else ""
+                raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: {reason}; "
+                               "pass the --model it was trained on") from None
+            raise CxrError(f"could not load LoRA {lora_dir} into {model}: {reason}; if the file is damaged, "
+                           "copy the lora/ folder again from the training run") from None
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
         # A LoRA trained for another target (v_prediction) is sampled with that target.

@@ -457,7 +457,8 @@ makes {cfg.resolution} x {cfg.resolution} chest X-rays from radiology impression
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{cfg.model}", safety_checker=None, requires_safety_checker=False)
-pipe.load_lora_weights("path/to/this/folder")
+# weight_name: older diffusers (0.32 among them) need it to load a folder offline
+pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")
 image = pipe("Cardiomegaly without acute pulmonary disease.", height={cfg.resolution}, width={cfg.resolution}).images[0]
 ```
 

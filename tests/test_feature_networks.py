@@ -1,6 +1,8 @@
 """The real feature networks' code paths: torch-fidelity's Inception-v3 and torchxrayvision's
 DenseNet-121, with random weights written here (the real weights are downloads)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -29,11 +31,16 @@ def test_inception_features_give_torchmetrics_own_fid_kid_and_is(pairs_csv, synt
     real = as_uint8_rgb(split_images(pairs_csv, synth_dir, "test")[0][:6])
     fake = as_uint8_rgb(split_images(pairs_csv, synth_dir, "train")[0][:6])
     weights = str(inception_weights)
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, antialias=False)
-    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights, antialias=False),
+    # torchmetrics < 1.5 has no `antialias` (nor FID's weights-path argument): its only resize is
+    # then the original one, so the network is built with the flag only where it exists.
+    original_resize = ({"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters
+                       else {})
+    fid = FrechetInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights,
+                                                              **original_resize))
+    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights, **original_resize),
                                   subset_size=4)
     score = InceptionScore(feature=NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], weights,
-                                                      antialias=False), splits=2)
+                                                      **original_resize), splits=2)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)

@@ -166,8 +166,17 @@ def test_a_lora_for_another_base_is_explained(tiny_model_dir, lora_dir, tmp_path
     (tmp_path / "other").mkdir()
     save_file(other, str(tmp_path / "other" / "pytorch_lora_weights.safetensors"))
     (tmp_path / "other" / "config.json").write_text(json.dumps({"base_model": "stabilityai/stable-diffusion-2-1"}))
-    with pytest.raises(CxrError, match="does not fit the model .*trained on stabilityai/stable-diffusion-2-1"):
+    with pytest.raises(CxrError, match="does not fit the model .*trained on stabilityai/stable-diffusion-2-1.*size mismatch"):
         load_sampling_pipeline(str(tiny_model_dir), tmp_path / "other")
+
+
+def test_a_lora_that_fails_to_load_says_why_not_that_it_does_not_fit(tiny_model_dir, tmp_path):
+    # A damaged file: the shapes are not the problem, so the library's own reason is reported.
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{broken}")
+    with pytest.raises(CxrError, match=r"could not load LoRA .*: \w+Error: .*copy the lora/ folder again") as info:
+        load_sampling_pipeline(str(tiny_model_dir), tmp_path / "damaged")
+    assert "does not fit" not in str(info.value)
 
 
 def test_widget_handler_produces_images(pipe):

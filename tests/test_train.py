@@ -50,7 +50,7 @@ def test_a_few_steps_change_the_lora_and_lower_the_loss(pairs_csv, synth_dir, ti
     prompts = sorted(set(two["prompt"]))
     emb = enc["embeddings"][[prompts.index(p) for p in two["prompt"]]]
     before = fixed_batch_loss(pipe.unet, result_scheduler(tiny_model_dir), mean, emb)
-    pipe.load_lora_weights(str(result.lora_dir))
+    pipe.load_lora_weights(str(result.lora_dir), weight_name="pytorch_lora_weights.safetensors")
     after = fixed_batch_loss(pipe.unet, result_scheduler(tiny_model_dir), mean, emb)
     assert after < before * 0.95, (before, after)
 
@@ -69,6 +69,8 @@ def test_outputs_load_in_plain_diffusers_and_change_the_images(pairs_csv, synth_
     lora = result.lora_dir
     card = (lora / "README.md").read_text()
     assert "not for diagnosis" in card and str(tiny_model_dir) in card
+    # The card's loading line works offline on every supported diffusers (0.32 needs weight_name).
+    assert 'load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")' in card
     saved = json.loads((lora / "config.json").read_text())
     assert saved["config"]["rank"] == 4 and "diffusers" in saved["versions"] and saved["steps_done"] == 3
     loss = pd.read_csv(tmp_path / "run" / "loss.csv")
@@ -82,7 +84,7 @@ def test_outputs_load_in_plain_diffusers_and_change_the_images(pairs_csv, synth_
         return pipe("Cardiomegaly.", num_inference_steps=2, height=64, width=64, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
     base = image()
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
     assert abs(image() - base).max() > 1e-4
 
 
@@ -200,6 +202,7 @@ def test_wrong_columns_in_pairs(tmp_path, synth_dir, tiny_model_dir):
 
 def test_gpu_without_kernels_for_the_card_is_explained(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "sm_90"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
