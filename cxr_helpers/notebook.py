@@ -65,6 +65,7 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
     from .synthetic import dataset_is_built, make_synthetic_dataset
 
     chosen = get_preset(auto_preset() if preset == "auto" else preset)
+    preset = chosen.name
     out = output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if chosen.offline:
