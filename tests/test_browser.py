@@ -90,6 +90,9 @@ def lab(lab_root, tmp_path_factory):
     settings.mkdir(parents=True)
     # Every cell stays in the DOM (no virtual scrolling), so the test sees each one's prompt.
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    news = state / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # no toast over the page
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(state / "config"), "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -125,6 +128,7 @@ def lab(lab_root, tmp_path_factory):
 
 
 def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     from cxr_helpers.models import load_tokenizer
@@ -147,13 +151,19 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
             log('page.goto(f"{url}/lab/tree/{NOTEBOOK}?to')
             page.wait_for_function("document.querySelector('.jp-Notebook .jp-Cell')",
                                    timeout=60_000)
-            # Run > Run All Cells, as a user does, once the kernel is up.
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            log('page.wait_for_selector(".jp-Notebook-Exe')
-            page.locator(".jp-Notebook").first.click()
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-            log('page.evaluate("window.jupyterapp.command')
+            # Run > Run All Cells, as a user does, once the kernel is up (the status bar says Idle
+            # before a slow kernel answers; cells sent then are dropped, so click again if none starts).
+            page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=120_000)
+            for attempt in range(4):
+                page.locator(".jp-Notebook").first.click()
+                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                try:
+                    page.wait_for_function("""() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                                                   .some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))""", timeout=30_000)
+                    break
+                except PlaywrightTimeout:
+                    log(f"no cell started (try {attempt + 1})")
             # Done when every cell has run, or when one failed (Run All stops there).
             prompts, deadline = "", time.time() + RUN_TIMEOUT_S
             while time.time() < deadline:
