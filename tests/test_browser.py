@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "03_sampling_gallery.ipynb"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 420  # seconds; about 1 minute alone, 4 on two cores shared with other test runs
 SMALLER = {"N_GALLERY": 1, "UPSCALE": 256, "EXPORT_COUNT": 1}  # notebook 03 on the smoke preset: galleries, sweep, seed grid, export
 
 
@@ -138,9 +138,6 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
     prompt = "Small right pleural effusion."
     n_tokens = len(load_tokenizer(inputs.model)(prompt).input_ids)
     shot = tmp_path / "prompt_panel.png"
-    t0 = time.time()
-    def log(what):  # DEBUG
-        print(f"{time.time() - t0:6.1f}s {what}", flush=True)
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=browser_tools, headless=True, args=CHROMIUM_FLAGS,
@@ -148,7 +145,6 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
         try:
             page = browser.new_page()
             page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}&reset")
-            log('page.goto(f"{url}/lab/tree/{NOTEBOOK}?to')
             page.wait_for_function("document.querySelector('.jp-Notebook .jp-Cell')",
                                    timeout=60_000)
             # Run > Run All Cells, as a user does, once the kernel is up (the status bar says Idle
@@ -163,7 +159,7 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
                                                    .some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))""", timeout=30_000)
                     break
                 except PlaywrightTimeout:
-                    log(f"no cell started (try {attempt + 1})")
+                    continue
             # Done when every cell has run, or when one failed (Run All stops there).
             prompts, deadline = "", time.time() + RUN_TIMEOUT_S
             while time.time() < deadline:
@@ -176,7 +172,6 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
             else:
                 page.screenshot(path=str(tmp_path / "timeout.png"))
                 pytest.fail(f"notebook {NOTEBOOK} did not finish in {RUN_TIMEOUT_S} s; cell prompts: {prompts}")
-            log("run all done")
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert errors.count() == 0, errors.first.inner_text()[-2000:]
 
@@ -184,13 +179,11 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
             panel.scroll_into_view_if_needed()
             for control in ("select", "textarea", "input[type='checkbox']", ".widget-hslider", ".widget-hprogress"):
                 assert panel.locator(control).count() >= 1, f"the panel has no {control}"
-            log("controls")
             generate = panel.locator("button", has_text="Generate")
             save = panel.locator("button", has_text="Save")
             # notebook 03's headless cell already filled the output area; Generate must replace it
             first = panel.locator(".jp-OutputArea-output img").first
             first.wait_for(timeout=30_000)
-            log('first.wait_for(timeout=30_000)')
             before = first.get_attribute("src")
 
             tokens = panel.locator(".widget-html", has_text="CLIP tokens").first
@@ -198,7 +191,6 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
             page.wait_for_function(f"""() => [...document.querySelectorAll('.cxr-prompt-panel .widget-html')]
                                           .some(e => e.textContent.includes('{n_tokens} / 77 CLIP tokens'))""",
                                    timeout=30_000)
-            log("tokens")
             assert f"{n_tokens} / 77 CLIP tokens" in tokens.inner_text()
             assert panel.locator("select").input_value() == "(your own prompt)"
 
@@ -207,21 +199,17 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
                 new MutationObserver(() => window.cxrStates.push([b.disabled, b.textContent.trim()]))
                   .observe(b, {attributes: true, childList: true, subtree: true, characterData: true}); }""")
             generate.click()
-            log('generate.click()')
             page.wait_for_function(
                 """before => { const i = document.querySelector('.cxr-prompt-panel .jp-OutputArea-output img');
                                return i && i.src !== before; }""", arg=before, timeout=60_000)
             page.wait_for_function("() => !document.querySelector('.cxr-prompt-panel button').disabled")
-            log('page.wait_for_function("() => !document.')
             states = page.evaluate("window.cxrStates")
             assert any(disabled and text.startswith("Generating") for disabled, text in states), states
             assert generate.is_enabled() and panel.locator(".cxr-status-error").count() == 0
 
             save.click()
-            log('save.click()')
             panel.locator(".cxr-status-ok", has_text="Saved").wait_for(timeout=30_000)
             panel.screenshot(path=str(shot))
-            log('panel.screenshot(path=str(shot))')
         finally:
             browser.close()
 
