@@ -951,7 +951,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
 
 
 def results_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per set, one column per metric ("value ± std" or "value [low, high]")."""
+    """One row per set, one column per metric in reading order (FID first, the audit last), each
+    headed with its name and which way is better ("FID ↓"); cells are "value [low, high]",
+    "value ± std" or "value", and "–" where a set has no value (the real floor has no diversity)."""
+    from .style import MISSING, metric_label, metric_order
+
     def cell(row):
         if pd.notna(row["ci_low"]):
             return f"{row['value']:.4g} [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
@@ -960,8 +964,12 @@ def results_table(table: pd.DataFrame) -> pd.DataFrame:
         return f"{row['value']:.4g}"
     table = table[~table["metric"].str.startswith("auroc_")]  # per finding: adherence_table
     wide = table.assign(cell=table.apply(cell, axis=1)).pivot(index="set", columns="metric", values="cell")
-    counts = table.groupby("set")["n_generated"].max().rename("N")
-    return wide.join(counts).reindex(list(dict.fromkeys(table["set"])))
+    wide = wide[metric_order(table["metric"])]
+    counts = table.groupby("set")["n_generated"].max().rename("N").astype("Int64").astype(str).replace("<NA>", MISSING)
+    wide = wide.join(counts).reindex(list(dict.fromkeys(table["set"])))
+    wide = wide.rename(columns={m: metric_label(m) for m in wide.columns if m != "N"})
+    wide.columns.name = None
+    return wide.fillna(MISSING)
 
 
 def adherence_table(adherence: pd.DataFrame) -> pd.DataFrame:

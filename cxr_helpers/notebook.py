@@ -30,6 +30,11 @@ class Inputs:
     out: Path
     cache: Path  # resized images, latents, features: shared by every stage, outside Kaggle's output
 
+    def __repr__(self) -> str:
+        # One line per input: the notebook cell that ends with `inputs` shows a readable list.
+        return "\n".join([f"Inputs (preset {self.preset.name}: {self.preset.description})",
+                          f"  data   {self.data_dir}", f"  model  {self.model}", f"  output {self.out}"])
+
     def figures(self, notebook: str) -> Path:
         folder = self.out / "figures" / notebook
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ Figures are closed in pyplot right after drawing: the notebook shows the returne
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from .io import save_figure
+from .style import SET_COLOURS, is_audit, metric_label, metric_order, set_colours, set_kind
 
 matplotlib.rcParams.update({"figure.dpi": 100, "axes.spines.top": False, "axes.spines.right": False})
 
 
 def _finish(fig, save_to: str | Path | None):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures made with layout="constrained" place their suptitle themselves
+        fig.tight_layout()
     if save_to:
         save_figure(fig, save_to)
     plt.close(fig)
@@ -68,11 +71,12 @@ def token_lengths(n_tokens: pd.Series, limit: int = 77, save_to=None):
 
 def top_impressions(pairs: pd.DataFrame, n: int = 15, save_to=None):
     counts = pairs["prompt"].value_counts().head(n)
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(counts) + 1))
-    labels = [textwrap.shorten(p, 70) for p in counts.index[::-1]]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(counts) + 1.2), layout="constrained")
+    labels = [textwrap.shorten(p, 60, placeholder=" …") for p in counts.index[::-1]]
     ax.barh(labels, counts.values[::-1], color="#4c72b0")
     ax.set_xlabel("pairs")
-    ax.set_title(f"The {len(counts)} most common impressions ({pairs['prompt'].nunique()} distinct)")
+    # A figure title: centred on the figure, it fits beside the long labels (an axes title ran off).
+    fig.suptitle(f"The {len(counts)} most common impressions ({pairs['prompt'].nunique()} distinct)")
     return _finish(fig, save_to)
 
 
@@ -85,19 +89,38 @@ def label_frequencies(counts: pd.Series, n: int = 15, save_to=None):
     return _finish(fig, save_to)
 
 
+CAPTION_LINES = 4
+_SET_PREFIX = re.compile(r"^\s*(real|base|fine-tuned|lora)\s*[,|:]", re.IGNORECASE)
+
+
+def caption(text: str, width: int = 34, lines: int = CAPTION_LINES) -> str:
+    """Wrapped to `lines` lines; a longer text ends in an ellipsis, not mid-word."""
+    return textwrap.fill(text, width, max_lines=lines, placeholder=" …")
+
+
+def caption_colour(text: str) -> str:
+    """A caption naming its set first ("real | ...", "base, seed 3", "LoRA, ...") takes the set's colour."""
+    match = _SET_PREFIX.match(text)
+    return SET_COLOURS[set_kind(match.group(1))] if match else "black"
+
+
 def image_grid(images, captions, columns: int = 4, save_to=None, title: str | None = None,
-               panel_inches: float = 3.0):
-    """Grayscale images with their (wrapped) captions above them."""
+               panel_inches: float = 3.0, colours=None):
+    """Grayscale images with their (wrapped, ellipsised) captions above them; captions that name
+    a set (real / base / fine-tuned) are drawn in its colour, or in `colours` when given."""
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(panel_inches * columns, (panel_inches + 0.6) * rows),
-                             squeeze=False)
+    # Constrained layout keeps the suptitle clear of the first row's captions.
+    fig, axes = plt.subplots(rows, columns, figsize=(panel_inches * columns, (panel_inches + 0.7) * rows + 0.4),
+                             squeeze=False, layout="constrained")
+    width = max(20, int(panel_inches * 11.5))  # characters per caption line at 8 pt
     for ax in axes.flat:
         ax.axis("off")
-    for ax, im, caption in zip(axes.flat, images, captions):
+    colours = list(colours) if colours is not None else [caption_colour(c) for c in captions]
+    for ax, im, text, colour in zip(axes.flat, images, captions, colours):
         ax.imshow(np.asarray(im.convert("L") if hasattr(im, "convert") else im), cmap="gray", vmin=0, vmax=255)
-        ax.set_title("\n".join(textwrap.wrap(caption, 34)[:4]), fontsize=8)
+        ax.set_title(caption(text, width), fontsize=8, color=colour)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(caption(title, int(panel_inches * columns * 8), lines=2))
     return _finish(fig, save_to)
 
 
@@ -106,33 +129,37 @@ def split_sizes(summary: dict, save_to=None):
     for ax, key, label in zip(axes, ("pairs_by_split", "patients_by_split"), ("pairs", "patients (uids)")):
         values = summary[key]
         bars = ax.bar(list(values), list(values.values()), color=["#4c72b0", "#dd8452"])
-        ax.bar_label(bars)
+        ax.bar_label(bars, padding=2)
+        ax.margins(y=0.18)  # room for the bar labels under the panel title
         ax.set_title(label)
     fig.suptitle(f"{summary['split']} split: {summary['patients_on_both_sides']} patients on both sides")
     return _finish(fig, save_to)
 
 
-def loss_curve(loss: pd.DataFrame, save_to=None, smoothing: float = 0.9):
-    """Training loss per step, raw and smoothed (exponential moving average, bias-corrected)."""
+def loss_curve(loss: pd.DataFrame, save_to=None, smoothing: float = 0.9, snr_gamma: float | None = None):
+    """Training loss per step, raw and smoothed (exponential moving average, bias-corrected).
+    `snr_gamma`: the run's min-SNR gamma, so the axis names the loss that was logged."""
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(loss["step"], loss["loss"], color="#4c72b0", alpha=0.35, linewidth=1, label="loss")
     if len(loss):
         smooth = loss["loss"].ewm(alpha=1 - smoothing, adjust=True).mean()
         ax.plot(loss["step"], smooth, color="#4c72b0", linewidth=2, label=f"EMA ({smoothing})")
     ax.set_xlabel("step")
-    ax.set_ylabel("noise-prediction MSE")
+    ax.set_ylabel(f"min-SNR-weighted MSE (γ = {snr_gamma:g})" if snr_gamma else "noise-prediction MSE")
     ax.set_title(f"Training loss ({len(loss)} steps)")
     ax.legend()
     return _finish(fig, save_to)
 
 
 def metric_intervals(table: pd.DataFrame, save_to=None):
-    """One panel per metric: a bar per set with its 95% interval (FID) or ± std (KID, IS)."""
-    metrics = [m for m in ("fid", "fid_infinity", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
-                           "fid_xrv") if m in set(table["metric"])]
+    """One panel per metric, in reading order, titled with which way is better: a bar per set
+    (each set in its colour in every panel) with its 95% interval (FID) or ± std (KID, IS)."""
+    metrics = [m for m in metric_order(table["metric"]) if not is_audit(m)]  # counts: the audit's table and figure
+    sets = list(dict.fromkeys(table["set"]))
+    colour = dict(zip(sets, set_colours(sets)))
     cols = min(4, max(1, len(metrics)))
     rows = max(1, int(np.ceil(len(metrics) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.8), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
@@ -142,13 +169,14 @@ def metric_intervals(table: pd.DataFrame, save_to=None):
         low = np.where(part["ci_low"].notna(), values - part["ci_low"].astype(float), part["std"].astype(float).fillna(0))
         high = np.where(part["ci_high"].notna(), part["ci_high"].astype(float) - values, part["std"].astype(float).fillna(0))
         # FID's interval is centred on the estimate (jackknife), so the error bars are never negative.
-        ax.bar(range(len(part)), values, yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)], capsize=4,
-               color=["#4c72b0", "#dd8452", "#55a868", "#8172b2"][: len(part)])
-        ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18) for s in part["set"]], rotation=20, ha="right")
+        bars = ax.bar(range(len(part)), values, yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)], capsize=4,
+               color=[colour[s] for s in part["set"]])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center")  # a zero bar still reads as 0
+        ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18, placeholder="…") for s in part["set"]], rotation=20, ha="right")
         n = part["n_generated"].dropna()
-        ax.set_title(f"{metric}" + (f" (N={int(n.max())})" if len(n) else ""))
+        ax.set_title(metric_label(metric) + (f"  (N={int(n.max())})" if len(n) else ""))
     networks = sorted(set(table["feature_network"].dropna()))
-    fig.suptitle("features: " + "; ".join(networks), fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap("features: " + "; ".join(networks), 150)), fontsize=9)
     return _finish(fig, save_to)
 
 
@@ -158,6 +186,7 @@ def nearest_pairs(audit: pd.DataFrame, sets: dict, train, test, baseline, top: i
     images = [test.images[baseline.closest_test, 0].numpy(), train.images[baseline.closest_train, 0].numpy()]
     captions = [f"BASELINE real test (other patient): {test.files[baseline.closest_test]}",
                 f"its nearest train image, r={baseline.closest_correlation:.3f}"]
+    colours = [SET_COLOURS["real"]] * 2
     closest = audit.assign(best=audit[["train_pixel_correlation", "test_pixel_correlation"]].max(axis=1))
     for row in closest.sort_values("best", ascending=False).head(top).itertuples():
         image_set = sets[row.set]
@@ -169,21 +198,35 @@ def nearest_pairs(audit: pd.DataFrame, sets: dict, train, test, baseline, top: i
         what = {"train": "MEMORISED? ", "test": "MATCHES A TEST FILM "}[split] if flag else ""
         captions += [f"{what}{row.set}: {row.generated_file}",
                      f"nearest real ({split}), r={getattr(row, f'{split}_pixel_correlation'):.3f}"]
+        colours += [set_colours([row.set])[0], SET_COLOURS["real"]]
     title = (f"memorisation audit: {int(audit['flagged_train'].sum())} training-image matches (memorisation), "
              f"{int(audit['flagged_test'].sum())} test-image matches (not memorisation); flagged above "
              f"r {baseline.pixel_threshold:.3f} or cosine {baseline.cosine_threshold:.4f}\n(baseline: "
              f"{baseline.percentile:g}th percentile of {baseline.n_test} real test films vs {baseline.n_train} train "
              f"films: r {baseline.pixel_correlation:.3f}, cosine {baseline.feature_cosine:.4f}; real images are patient data)")
-    return image_grid(images, captions, columns=4, save_to=save_to, title=title)
+    return image_grid(images, captions, columns=4, save_to=save_to, title=title, colours=colours)
 
 
 def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for name, part in diversity.groupby("set", sort=False):
-        ax.hist(part["ms_ssim"], bins=20, range=(0, 1), alpha=0.6, label=f"{name} ({len(part)} prompts)")
-    ax.set_xlabel("mean pairwise MS-SSIM among images of one prompt (lower = more diverse)")
+    """Per set, how alike the images of one prompt are (mean pairwise MS-SSIM): bars side by
+    side, each set in its colour, so no set hides another."""
+    sets = list(dict.fromkeys(diversity["set"]))
+    values = [diversity.loc[diversity["set"] == s, "ms_ssim"].to_numpy() for s in sets]
+    every = np.concatenate(values) if values else np.array([0.0])
+    low, high = float(every.min()), float(every.max())
+    pad = max(0.02, 0.05 * (high - low))
+    bins = np.linspace(max(0.0, low - pad), min(1.0, high + pad), 13)
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    ax.hist(values, bins=bins, color=set_colours(sets), label=[f"{s} (mean {v.mean():.3f})" for s, v in zip(sets, values)])
+    ax.set_xlabel("mean pairwise MS-SSIM among the images of one prompt (lower = more diverse)")
     ax.set_ylabel("prompts")
-    ax.legend()
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    first = diversity[diversity["set"] == sets[0]] if sets else diversity
+    # Sampled test pairs that share an impression are one prompt here: say so, or "5 prompts" of
+    # 12 requested looks like a loss.
+    ax.set_title(f"Within-prompt diversity: {len(first)} distinct prompts, {int(first['images'].sum())} images per set\n"
+                 "(test pairs that share an impression are pooled into one prompt)", fontsize=10)
+    ax.legend(frameon=False)
     return _finish(fig, save_to)
 
 

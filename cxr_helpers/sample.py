@@ -123,8 +123,9 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
 
 def generate(pipe, prompts: list[str], seeds: list[int], resolution: int = 128, steps: int = 20,
              lora_scale: float | None = None, guidance: float = 7.5, negative_prompt: str = "",
-             scheduler: str | None = "dpm++") -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in one batch: each image has its own CPU generator."""
+             scheduler: str | None = "dpm++", on_step=None) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in one batch: each image has its own CPU generator.
+    `on_step(k)` is called after step k of `steps` (the prompt panel's progress bar)."""
     if scheduler:
         set_scheduler(pipe, scheduler)
     kwargs = {}
@@ -132,6 +133,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], resolution: int = 128, 
         kwargs["cross_attention_kwargs"] = {"scale": float(lora_scale)}
     if negative_prompt:
         kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+    if on_step is not None:
+        def step_end(_pipe, step, _timestep, tensors):
+            on_step(step + 1)
+            return tensors
+        kwargs["callback_on_step_end"] = step_end
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
