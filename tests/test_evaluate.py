@@ -210,8 +210,8 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     for name in ("metrics.png", "diversity.png", "nearest_pairs.png"):
         assert (tmp_path / "eval" / "figures" / name).is_file()
     table = ev.results_table(result.table)
-    assert list(table.index) == ["fine-tuned", "real train (floor)"] and "[" in table.loc["fine-tuned", "FID ↓"]
-    assert list(table.columns[:3]) == ["FID ↓", "KID ↓", "Inception Score ↑"] and table.columns[-1] == "N"
+    assert list(table.index)[:2] == ["fine-tuned", "real train (floor)"] and "[" in table.loc["fine-tuned", "FID ↓"]
+    assert list(table.columns[:4]) == ["FID ↓", "FID∞ ↓", "KID ↓", "Inception Score ↑"] and table.columns[-1] == "N"
     assert not table.isna().any().any() and table.loc["real train (floor)", "within-prompt MS-SSIM ↓"] == "–"
 
 
