@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 
 # Nothing in a test downloads anything: make any accidental hub access fail fast.
@@ -75,3 +76,15 @@ def inception_weights(tmp_path_factory):
     from cxr_helpers.evaluate import random_inception_weights
 
     return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth", seed=0)
+
+
+def write_set(folder, images, prompts):
+    """A folder shaped like the sampling stage's output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"{i:05d}_00_seed{i}.png"
+        image.save(folder / name)
+        rows.append({"file": name, "prompt": prompt})
+    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return folder

@@ -11,18 +11,7 @@ from cxr_helpers.config import EvalConfig, SampleConfig, stage_config
 from cxr_helpers.data import ChestXrayDataset, load_pairs
 from cxr_helpers.errors import CxrError
 from cxr_helpers.sample import sample
-
-
-def write_set(folder, images, prompts):
-    """A folder shaped like the sampling stage's output."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        name = f"{i:05d}_00_seed{i}.png"
-        image.save(folder / name)
-        rows.append({"file": name, "prompt": prompt})
-    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
-    return folder
+from conftest import write_set
 
 
 def split_images(pairs_csv, data_dir, split):
