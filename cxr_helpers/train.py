@@ -541,7 +541,42 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     validate(cfg)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, one lock per run
     with folder_lock(cfg.out, "train run") if main_process else contextlib.nullcontext():
+        finished = finished_run(cfg)
+        if finished is not None:
+            if main_process:
+                print(f"train: {cfg.out} already holds this run, finished at step {finished.steps_done} with the same "
+                      "settings, pairs and base model; reusing its LoRA (--overwrite trains it again)", flush=True)
+            return finished
         return _train(cfg, progress)
+
+
+def finished_run(cfg: TrainConfig) -> TrainResult | None:
+    """The run in cfg.out when it is finished and was made exactly as `cfg` would make it (same
+    settings, train pairs and base model files): rerunning a notebook or a command then reuses
+    it, as every other stage does with its own output. Anything else: None."""
+    from .data import load_pairs
+    from .ownership import read_owner
+
+    out = Path(cfg.out)
+    record = read_owner(out) if out.is_dir() else None
+    if cfg.resume or cfg.overwrite or record is None or record.get("stage") != "train":
+        return None
+    try:
+        info = read_json(out / "lora" / "config.json")
+    except (OSError, ValueError):
+        return None
+    volatile = ("resume", "overwrite")
+    same_settings = json.dumps({k: v for k, v in info.get("config", {}).items() if k not in volatile}, sort_keys=True) \
+        == json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in volatile}, sort_keys=True, default=str)
+    if not same_settings or not (out / "loss.csv").is_file():
+        return None
+    pairs = load_pairs(cfg.pairs)
+    pairs = pairs[pairs["split"] == "train"]
+    identity = record["identity"]
+    if identity.get("pairs") != text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"])) \
+            or identity.get("model_files") != model_fingerprint(cfg.model):
+        return None
+    return result_from_disk(out)
 
 
 def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:

@@ -178,7 +178,7 @@ BAD_INPUTS = [
     (_train("--out", "NEW", "--pairs", "BAD/binary.csv"), "pairs.csv"),
     (_train("--out", "NEW", "--pairs", "BAD/uid15.csv"), "non-integer uid '1.5'"),
     (_train("--out", "NEW", "--pairs", "BAD/labels.csv"), "split label(s) 'validation'"),
-    (_train("--out", "GOOD/train"), "holds a training run"),
+    (_train("--out", "GOOD/train", "--rank", "8"), "holds a training run"),
     (_train("--out", "GOOD/train", "--resume", "latest", "--learning-rate", "0.5"), "different learning_rate"),
     (_train("--out", "GOOD/train", "--resume", "EDITED"), "state.json says step"),
     (_train("--out", "GOOD/train", "--resume", "TRUNCATED"), "lora.safetensors is not the file the run saved"),

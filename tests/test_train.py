@@ -249,11 +249,14 @@ def test_a_finished_run_is_not_overwritten_or_mixed(pairs_csv, synth_dir, tiny_m
     out = tmp_path / "run"
     train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=()), progress=False)
     before = _snapshot(out)
-    # A fresh run into it (other settings or the same): refused, every file as it was.
-    for kw in ({}, {"learning_rate": 5e-4}):
+    # The same run again (a notebook rerun): reused as it is, nothing trained or written.
+    again = train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=()), progress=False)
+    assert again.steps_done == 2 and again.lora_dir == out / "lora" and _snapshot(out) == before
+    # A fresh run with other settings: refused, every file as it was.
+    for kw in ({"learning_rate": 5e-4}, {"max_steps": 3}):
         with pytest.raises(CxrError, match="holds a training run \\(checkpoints up to step 2 \\(finished\\)\\); "
                                            "continue it with --resume latest"):
-            train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=(), **kw),
+            train(config(pairs_csv, synth_dir, tiny_model_dir, out, **{"max_steps": 2, "validation_prompts": (), **kw}),
                   progress=False)
         assert _snapshot(out) == before
     # A second run while one holds the folder: refused at once.
