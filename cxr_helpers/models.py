@@ -166,6 +166,17 @@ def load_tokenizer(model: str | Path):
 
 # ---------------------------------------------------------------- pipelines ------------------
 
+def _dtype_argument() -> str:
+    """The name from_pretrained takes the dtype under: newer diffusers renamed `torch_dtype` to
+    `dtype` (the old name prints a deprecation warning into every notebook); 0.32 knows only
+    `torch_dtype`. Detected by the helper the newer releases resolve the two names with."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def load_pipeline(model: str | Path, torch_dtype=None):
     """A StableDiffusionPipeline from a hub id or a local diffusers dir, safety checker off.
 
@@ -178,7 +189,7 @@ def load_pipeline(model: str | Path, torch_dtype=None):
     model = str(model)
     kwargs = dict(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_argument()] = torch_dtype
     if _is_local(model):
         path = Path(model).expanduser()
         if not (path / "model_index.json").is_file():

@@ -60,7 +60,8 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
     lora_dir = check_lora_dir(lora) if lora else None
     if device is None:
         device, auto_dtype = generation_device()
-        torch_dtype = torch_dtype or auto_dtype
+        if device != "cpu":  # fp16 on the GPU; on the CPU the saved float32 weights load as they are
+            torch_dtype = torch_dtype or auto_dtype
     pipe = load_pipeline(model, torch_dtype=torch_dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
