@@ -66,7 +66,7 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
-        base = _lora_base(lora_dir)
+        info = _lora_info(lora_dir)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -75,6 +75,7 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         except Exception as exc:  # the library's own reason is kept: our guess about it may be wrong
             reason = library_reason(exc)
             if "size mismatch" in reason:
+                base = info.get("base_model")
                 hint = f" (its config.json says it was trained on {base})" if base else ""
                 raise CxrError(f"LoRA {lora_dir} does not fit the model {model}{hint}: {reason}; "
                                "pass the --model it was trained on") from None
@@ -83,7 +84,7 @@ def load_sampling_pipeline(model: str, lora: str | Path | None = None, torch_dty
         if not pipe.get_list_adapters().get("unet"):
             raise CxrError(f"LoRA {lora_dir} holds no weights for this UNet; it is not a LoRA of an SD1.x model")
         # A LoRA trained for another target (v_prediction) is sampled with that target.
-        trained_for = _lora_info(lora_dir).get("prediction_type")
+        trained_for = info.get("prediction_type")
         if trained_for and trained_for != pipe.scheduler.config.get("prediction_type"):
             pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=trained_for)
     return pipe
@@ -96,10 +97,6 @@ def _lora_info(lora_dir: Path) -> dict:
     except (ValueError, OSError):
         return {}
     return info if isinstance(info, dict) else {}
-
-
-def _lora_base(lora_dir: Path) -> str | None:
-    return _lora_info(lora_dir).get("base_model")
 
 
 def set_scheduler(pipe, name: str):

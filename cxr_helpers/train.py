@@ -39,6 +39,7 @@ from .sample import LORA_WEIGHTS
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]
 # Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
+ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")  # what the cached encodings depend on
 # Children of `accelerate launch` report progress as lines with this prefix; the notebook's process
 # turns them into one updating bar (relayed tqdm redraws would be thousands of lines in a cell).
 PROGRESS_PREFIX = "cxr-progress "
@@ -90,23 +91,9 @@ class Encodings:
     encoded_prompts: int
 
 
-def _model_fingerprint(model: str) -> str:
-    """What identifies the encoders: the hub id, or a local dir's weight files (name, size, mtime)."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return model
-    parts = []
-    for sub in ("vae", "text_encoder", "tokenizer"):
-        for f in sorted((path / sub).glob("*")):
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return str(path.resolve()) + "|" + "|".join(parts)
-
-
 def cache_key(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, weight_dtype: torch.dtype) -> str:
     h = hashlib.sha256()
-    h.update(_model_fingerprint(cfg.model).encode())
+    h.update(model_fingerprint(cfg.model, parts=ENCODER_PARTS).encode())  # the frozen encoders only
     h.update(f"|{cfg.resolution}|{cfg.fit}|{cfg.random_flip}|{weight_dtype}|".encode())
     for filename, prompt in zip(pairs["filename"], pairs["prompt"]):
         source = data_dir / "images" / "images_normalized" / filename
