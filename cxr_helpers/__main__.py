@@ -1,6 +1,7 @@
 """`python -m cxr_helpers <stage> ...`: every stage, headless.
 
-Mistakes the user can fix print one sentence and exit with status 2 (no traceback).
+Each stage's flags are generated from its config dataclass (flags.py); mistakes the user can fix
+print one sentence and exit with status 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -11,23 +12,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
-import dataclasses
-
-from .config import (PRESET_CHOICES, SD15_MODEL_ID, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
-                     TinyModelConfig, TrainConfig, stage_config)
+from .config import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, SynthesizeConfig, TinyModelConfig,
+                     TrainConfig, config_to_dict, load_config, stage_config)
 from .errors import CxrError
+from .flags import add_config_flags, given_values
+from .presets import PRESET_CHOICES
+
+
+def _config(cls: type, args: argparse.Namespace, **values: Any):
+    """Defaults < the preset < the flags given (< `values`, already merged by the caller)."""
+    return stage_config(cls, args.preset, **{**given_values(cls, args), **values})
 
 
 def _prepare(args) -> None:
     from .data import prepare
 
-    cfg = stage_config(
-        PrepareConfig, args.preset, data_dir=args.data_dir, out=args.out, tokenizer=args.tokenizer,
-        split=args.split, test_fraction=args.test_fraction, seed=args.seed, projection=args.projection,
-        limit=args.limit, clean_prompts=args.clean_prompts or None, workers=args.workers,
-    )
-    result = prepare(cfg)
+    result = prepare(_config(PrepareConfig, args))
     s = result.summary
     print(f"{s['pairs']} pairs ({s['pairs_by_split']['train']} train / {s['pairs_by_split']['test']} test, "
           f"{s['patients_on_both_sides']} patients on both sides), {s['excluded']} excluded: "
@@ -38,87 +40,36 @@ def _prepare(args) -> None:
 def _synth(args) -> None:
     from .synthetic import make_synthetic_dataset
 
-    cfg = stage_config(SynthConfig, args.preset, out=args.out, reports=args.reports, seed=args.seed,
-                       image_size=args.image_size, broken_images=args.broken_images, overwrite=args.overwrite or None)
-    out = make_synthetic_dataset(cfg)
+    out = make_synthetic_dataset(_config(SynthConfig, args))
     print(f"wrote a synthetic dataset in the Kaggle layout to {out}")
 
 
 def _tiny_model(args) -> None:
     from .models import make_tiny_model
 
-    out = make_tiny_model(stage_config(TinyModelConfig, None, out=args.out, seed=args.seed))
+    out = make_tiny_model(_config(TinyModelConfig, args))
     print(f"wrote a tiny SD-shaped pipeline to {out} (StableDiffusionPipeline.from_pretrained loads it)")
-
-
-TRAIN_HELP = {
-    "pairs": "pairs.csv from prepare (its train split is used)",
-    "data_dir": "dataset folder the pairs point into (default on Kaggle: the mount)",
-    "model": f"hub id or local diffusers dir (default {SD15_MODEL_ID})",
-    "out": "output folder: lora/, loss.csv, checkpoints/, figures/",
-    "cache_dir": "where latents and text embeddings are cached (default OUT/cache)",
-    "epochs": "train this many passes over the pairs (overrides --max-steps)",
-    "lr_scheduler": "constant, constant_with_warmup, cosine, linear, polynomial",
-    "alpha": "LoRA alpha (default: the rank)",
-    "mixed_precision": "no, fp16 (GPU) or bf16 (cards that have it)",
-    "snr_gamma": "min-SNR loss weighting gamma (e.g. 5.0)",
-    "prediction_type": "epsilon or v_prediction (default: the scheduler's)",
-    "random_flip": "mirror images at random (both flips are cached)",
-    "checkpoint_every": "write a checkpoint every N steps (0: only at the end)",
-    "keep_checkpoints": "keep the last K checkpoints",
-    "resume": "latest, or a checkpoint folder",
-    "validation_every": "validation images every N steps (0: with every checkpoint, and at the end)",
-    "validation_prompts": "prompts for validation images (default: the most common test prompts)",
-}
-
-
-def _add_config_options(parser, cls, help_text, required=()):
-    """One --option per dataclass field; None defaults so the preset's values apply."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        extra = {"help": help_text.get(f.name, "").replace("%", "%%")}  # argparse formats help with %
-        if f.name in required:
-            extra["required"] = True
-        if kind.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **extra)
-        elif kind.startswith("tuple"):
-            item = int if "int" in kind else str
-            parser.add_argument(flag, nargs="+", type=item, default=None, **extra)
-        else:
-            caster = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=caster, default=None, **extra)
 
 
 def _train(args) -> None:
     from .train import train
 
-    from .config import config_to_dict, load_config
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values = given_values(TrainConfig, args)
     if args.config_file:  # a saved TrainConfig (run_training writes one for accelerate launch)
         base = config_to_dict(load_config(TrainConfig, args.config_file))
         values = {**base, **{k: v for k, v in values.items() if v is not None}}
     elif not values["pairs"] or not values["out"]:
         raise CxrError("train needs --pairs PAIRS_CSV and --out DIR (or --config-file FILE)")
-    cfg = stage_config(TrainConfig, args.preset, **values)
-    result = train(cfg)
+    result = train(_config(TrainConfig, args, **values))
     if int(os.environ.get("RANK", "0")) == 0:  # once, not per process under accelerate/torchrun
-            print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
+        print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
               f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
 
 
 def _sample(args) -> None:
     from .sample import sample
 
-    cfg = stage_config(
-        SampleConfig, None, model=args.model, lora=args.lora, out=args.out, prompts_file=args.prompts,
-        pairs=args.pairs, split=args.split, n_per_prompt=args.n_per_prompt, steps=args.steps,
-        scheduler=args.scheduler, guidance=args.guidance, negative_prompt=args.negative_prompt,
-        lora_scale=args.lora_scale, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
-        upscale=args.upscale, strict=args.strict or None, limit=args.limit, overwrite=args.overwrite or None,
-    )
-    result = sample(cfg)
+    result = sample(_config(SampleConfig, args))
     print(f"{result.generated} images generated, {result.skipped} already there; "
           f"{len(result.metadata)} listed in {result.out / 'metadata.csv'}")
 
@@ -126,38 +77,18 @@ def _sample(args) -> None:
 def _synthesize(args) -> None:
     from .sample import synthesize
 
-    out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size,
-                     overwrite=args.overwrite)
+    cfg = _config(SynthesizeConfig, args)
+    out = synthesize(cfg.spec, cfg.out, model=cfg.model, lora=cfg.lora, batch_size=cfg.batch_size,
+                     overwrite=cfg.overwrite)
     print(f"wrote a synthetic dataset in the Kaggle layout to {out} (prepare reads it: --data-dir {out})")
-
-
-EVAL_HELP = {
-    "pairs": "pairs.csv: its test split is the real set (its train split: the floor and the audit)",
-    "data_dir": "the dataset folder the pairs point into (default on Kaggle: the mount)",
-    "generated": "sample folders (with metadata.csv): DIR or NAME=DIR, e.g. base=OUT/base fine-tuned=OUT/tuned",
-    "out": "output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/",
-    "metrics": "any of fid kid is prdc diversity audit xrv adherence, space- or comma-separated (default: all)",
-    "feature_net": "inception (default) or standin (a labelled offline stand-in, for tests)",
-    "feature_weights": "local Inception FID weights (weights-inception-2015-12-05-6726825d.pth) when offline",
-    "xrv_weights": "torchxrayvision densenet121-res224-all weights: a .safetensors state dict, or a folder "
-                   "holding its release file (default: its cache, else its download)",
-    "n": "at most N images per set (the same N for every set)",
-    "real_floor": "also score real train images vs real test images (the floor)",
-    "interval_groups": "jackknife groups per set for FID's 95% interval (0: none)",
-    "adherence_scorer": "who scores the findings for prompt adherence: xrv (torchxrayvision's classifier, default) "
-                        "or geometry (an oracle for the synthetic films, offline)",
-    "adherence_min_cases": "a finding needs this many positive and negative images (default 5), else it is skipped",
-    "audit_percentile": "flag only above this percentile of real test films' nearest-train similarity (99.9)",
-}
 
 
 def _evaluate(args) -> None:
     from .evaluate import adherence_table, evaluate, results_table
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
-    if not values["pairs"] or not values["out"] or not values["generated"]:
+    if not args.pairs or not args.out or not args.generated:
         raise CxrError("evaluate needs --pairs PAIRS_CSV, --generated DIR [NAME=DIR ...] and --out DIR")
-    result = evaluate(stage_config(EvalConfig, args.preset, **values))
+    result = evaluate(_config(EvalConfig, args))
     print(results_table(result.table).to_string())
     if len(result.adherence):
         print("prompt adherence, AUROC per finding [95% interval] (positives+/negatives-):")
@@ -206,82 +137,40 @@ def _run_notebooks(args) -> None:
     print(f"outputs and figures are under {Path(args.out).resolve()}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cxr_helpers", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+class Stage(NamedTuple):
+    config: type
+    run: Callable[[argparse.Namespace], None]
+    help: str
+    required: tuple[str, ...] = ("out",)  # flags the command line must give
+    exclusive: tuple[str, ...] = ()  # flags of which at most one may be given
 
-    p = sub.add_parser("prepare", help="Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json")
-    p.add_argument("--data-dir", help="dataset folder in the Kaggle layout (default on Kaggle: the mount)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tokenizer", help=f"hub id or local dir of a diffusers model or tokenizer (default {SD15_MODEL_ID})")
-    p.add_argument("--split", choices=["patient", "image"], help="patient (default, no leak) or image (the seed's)")
-    p.add_argument("--test-fraction", type=float, help="share of pairs in the test split (default 0.2)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--projection", choices=["both", "frontal", "lateral"])
-    p.add_argument("--limit", type=int, help="only the first N listed images (sorted by uid)")
-    p.add_argument("--clean-prompts", action="store_true", help="strip XXXX marks, list numbers, stray punctuation")
-    p.add_argument("--workers", type=int, help="threads for the image checks (default 8)")
-    p.add_argument("--preset", choices=PRESET_CHOICES)
-    p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("synth", help="a synthetic dataset in the exact Kaggle layout (offline demo data)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--reports", type=int, help="number of reports (default 400)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--image-size", type=int, help="typical long side of the PNGs in px (default 512)")
-    p.add_argument("--broken-images", type=int, help="listed images made missing/unreadable (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
-    p.add_argument("--preset", choices=PRESET_CHOICES)
-    p.set_defaults(func=_synth)
+STAGES = {
+    "prepare": Stage(PrepareConfig, _prepare, "Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json"),
+    "synth": Stage(SynthConfig, _synth, "a synthetic dataset in the exact Kaggle layout (offline demo data)"),
+    "tiny-model": Stage(TinyModelConfig, _tiny_model, "a tiny SD-shaped diffusers pipeline with random weights"),
+    # --pairs and --out may come from --config-file instead; _train checks.
+    "train": Stage(TrainConfig, _train, "LoRA fine-tuning on cached latents "
+                   "(accelerate launch -m cxr_helpers train for multi-GPU)", required=()),
+    "sample": Stage(SampleConfig, _sample, "seeded, batched generation with the base model + LoRA",
+                    exclusive=("prompts_file", "pairs", "prompts")),
+    "synthesize": Stage(SynthesizeConfig, _synthesize, "a synthetic dataset from a spec, in the Kaggle layout",
+                        required=("spec", "out")),
+    "evaluate": Stage(EvalConfig, _evaluate, "FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit",
+                      required=()),  # _evaluate names all three it needs in one sentence
+}
 
-    p = sub.add_parser("tiny-model", help="a tiny SD-shaped diffusers pipeline with random weights")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=_tiny_model)
 
-    p = sub.add_parser("train", help="LoRA fine-tuning on cached latents (accelerate launch -m cxr_helpers train for multi-GPU)")
-    _add_config_options(p, TrainConfig, TRAIN_HELP)
-    p.add_argument("--config-file", help="a saved train config (JSON) to start from")
-    p.add_argument("--preset", choices=PRESET_CHOICES, help="profile: gpu-2x16gb, gpu-1x16gb, smoke, sd15, or auto")
-    p.set_defaults(func=_train)
+def _add_stage_parsers(sub) -> None:
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.config.__doc__.splitlines()[0])
+        add_config_flags(p, stage.config, stage.required, stage.exclusive)
+        p.set_defaults(func=stage.run)
+    sub.choices["train"].add_argument("--config-file", help="a saved train config (JSON) to start from; "
+                                      "the flags given override it")
 
-    p = sub.add_parser("sample", help="seeded, batched generation with the base model + LoRA")
-    p.add_argument("--model", help=f"hub id or local diffusers dir (default {SD15_MODEL_ID})")
-    p.add_argument("--lora", help="a LoRA folder (train's OUT/lora); none: the base model alone")
-    p.add_argument("--out", required=True)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompts", help="text file, one prompt per line")
-    source.add_argument("--pairs", help="pairs.csv: the prompts of --split (one per pair)")
-    p.add_argument("--split", choices=["train", "test"])
-    p.add_argument("--n-per-prompt", type=int)
-    p.add_argument("--steps", type=int, help="sampler steps (default 20)")
-    p.add_argument("--scheduler", help="dpm++ (default), ddim, pndm or euler")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--lora-scale", type=float, help="0 = base model, 1 = full LoRA (default)")
-    p.add_argument("--batch-size", type=int, help="images per pipeline call (default 8)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resolution", type=int, help="px (default 128)")
-    p.add_argument("--upscale", type=int, help="also write upscaled copies of this size, e.g. 512")
-    p.add_argument("--strict", action="store_true", help="refuse prompts over 77 CLIP tokens")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
-    p.set_defaults(func=_sample)
 
-    p = sub.add_parser("synthesize", help="a synthetic dataset from a spec, in the Kaggle layout")
-    p.add_argument("--spec", required=True, help="JSON: items of {prompt, count} or {label, templates, count}")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", help="overrides the spec's model")
-    p.add_argument("--lora", help="overrides the spec's LoRA")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true", help="OUT holds another run's output: move it aside first")
-    p.set_defaults(func=_synthesize)
-
-    p = sub.add_parser("evaluate", help="FID/KID/IS from one feature pass, PRDC, diversity, memorisation audit")
-    _add_config_options(p, EvalConfig, EVAL_HELP)
-    p.add_argument("--preset", choices=PRESET_CHOICES)
-    p.set_defaults(func=_evaluate)
-
+def _add_kaggle_parser(sub) -> None:
     p = sub.add_parser("kaggle", help="render the Kaggle kernels + helpers dataset, or push them")
     kaggle_sub = p.add_subparsers(dest="action", required=True)
     b = kaggle_sub.add_parser("build", help="one folder per notebook (kernel-metadata.json) + the helpers dataset")
@@ -298,18 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout-hours", type=float, default=12.0, help="give up waiting after this long (default 12)")
     q.set_defaults(func=_kaggle)
 
+
+def _add_tool_parsers(sub) -> None:
     p = sub.add_parser("check-gpu", help="can the installed torch drive this GPU? (--fix installs the build that can)")
     p.add_argument("--fix", action="store_true", help="on an old card (e.g. a P100), install torch built for CUDA 12.6")
     p.set_defaults(func=_check_gpu)
 
     p = sub.add_parser("run-notebooks", help="execute every notebook in notebooks/ headless (papermill)")
     p.add_argument("--out", required=True, help="one folder for executed notebooks, data, figures")
-    p.add_argument("--preset", default="smoke", choices=PRESET_CHOICES)
+    p.add_argument("--preset", default="smoke", choices=PRESET_CHOICES, help="(default: smoke)")
     p.add_argument("--notebooks", help="folder of NN_name.ipynb notebooks (default ./notebooks)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--only", nargs="+", metavar="PREFIX", help="only the notebooks starting with these, e.g. 01")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
     p.set_defaults(func=_run_notebooks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr_helpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    _add_stage_parsers(sub)
+    _add_kaggle_parser(sub)
+    _add_tool_parsers(sub)
     return parser
 
 
