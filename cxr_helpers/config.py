@@ -26,6 +26,7 @@ VAE_WHY = "the VAE downsamples by 8"
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
 CACHE_HELP = "where cached files go; \"\" = OUT/cache (on Kaggle: /tmp, outside the output)"
 MODEL_HELP = "hub id or local diffusers dir"
+DATA_DIR_HELP = "the dataset folder the pairs point into; \"\" = the Kaggle mount on Kaggle"
 
 
 @dataclass
@@ -79,12 +80,13 @@ class TrainConfig(Checked):
 
     STAGE: ClassVar[str] = "train"
     pairs: str = setting("", help="pairs.csv from prepare (its train split is used)")
-    data_dir: str = setting("", help="the dataset folder the pairs point into; \"\" = the Kaggle mount on Kaggle")
+    data_dir: str = setting("", help=DATA_DIR_HELP)
     model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
     out: str = setting("train", help="output folder: lora/, loss.csv, checkpoints/, figures/")
     cache_dir: str = setting("", help=CACHE_HELP + ": latents, text embeddings, resized images")
     resolution: int = setting(128, multiple_of=8, why=VAE_WHY, help="training image size in px")
-    fit: str = setting("stretch", choices=("stretch", "pad", "crop"), help="how a film becomes a square (stretch: the seed's)")
+    fit: str = setting("stretch", choices=("stretch", "pad", "crop"),
+                       help="how a film becomes a square (stretch: the seed's)")
     batch_size: int = setting(4, min=1, help="images per step per process (per GPU)")
     grad_accum: int = setting(1, min=1, help="gradient accumulation steps")
     max_steps: int = setting(1000, min=1, help="optimizer steps")
@@ -97,7 +99,8 @@ class TrainConfig(Checked):
     alpha: float | None = setting(None, above=0, help="LoRA alpha; none = the rank (scale 1)")
     target_modules: tuple[str, ...] = setting(LORA_TARGETS, help="the UNet modules that get LoRA layers")
     lora_dropout: float = setting(0.0, min=0.0, below=1.0, help="dropout on the LoRA layers")
-    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"), help="fp16 needs a GPU, bf16 a card that has it")
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"),
+                                   help="fp16 needs a GPU, bf16 a card that has it")
     snr_gamma: float | None = setting(None, above=0, help="min-SNR loss weighting gamma (5.0 is the usual value)")
     noise_offset: float = setting(0.0, min=0.0, help="offset noise strength")
     prediction_type: str = setting("", choices=("", "epsilon", "v_prediction"),
@@ -110,8 +113,10 @@ class TrainConfig(Checked):
     checkpoint_every: int = setting(500, min=0, help="write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = setting(2, min=1, help="keep the last K checkpoints")
     resume: str = setting("", help="latest, or a checkpoint folder; \"\" = start afresh")
-    validation_every: int = setting(0, min=0, help="validation images every N steps (0: with every checkpoint, and at the end)")
-    validation_prompts: tuple[str, ...] = setting((), help="prompts for validation images; none = the most common test prompts")
+    validation_every: int = setting(0, min=0, help="validation images every N steps "
+                                    "(0: with every checkpoint, and at the end)")
+    validation_prompts: tuple[str, ...] = setting((), help="prompts for validation images; "
+                                                  "none = the most common test prompts")
     validation_seeds: tuple[int, ...] = setting((0, 1), help="one validation image per prompt and seed")
     validation_steps: int = setting(20, min=1, help="sampler steps for validation images")
     overwrite: bool = setting(False, help=OVERWRITE_HELP)
@@ -152,10 +157,10 @@ class SynthesizeConfig(Checked):
 
     STAGE: ClassVar[str] = "synthesize"
     spec: str = setting("", help="JSON: items of {prompt, count} or {label, templates, count}")
-    out: str = setting("synthesized", help="output folder")
     model: str | None = setting(None, help=MODEL_HELP + "; none = the spec's (else SD1.5)")
     lora: str | None = setting(None, help="a LoRA folder; none = the spec's, \"\" = the base model alone")
     batch_size: int = setting(8, min=1, help="images per pipeline call")
+    out: str = setting("synthesized", help="output folder")
     overwrite: bool = setting(False, help=OVERWRITE_HELP)
 
 
@@ -164,15 +169,17 @@ class EvalConfig(Checked):
     """`evaluate`: real test images vs generated sets -> metrics.json / metrics.csv, audit, figures."""
 
     STAGE: ClassVar[str] = "evaluate"
-    pairs: str = setting("", help="pairs.csv: its test split is the real set, its train split the floor and the audit's reference")
-    data_dir: str = setting("", help="the dataset folder the pairs point into; \"\" = the Kaggle mount on Kaggle")
+    pairs: str = setting("", help="pairs.csv: its test split is the real set, its train split the floor and "
+                         "the audit's reference")
+    data_dir: str = setting("", help=DATA_DIR_HELP)
     generated: tuple[str, ...] = setting((), help="sample folders (with metadata.csv): DIR or NAME=DIR, "
                                          "e.g. base=OUT/base fine-tuned=OUT/tuned")
     out: str = setting("eval", help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
     metrics: tuple[str, ...] = setting(("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence"),
                                        help="any of these, space- or comma-separated")
     feature_net: str = setting("inception", choices=("inception", "standin"),
-                               help="inception: torch-fidelity's FID network; standin: a labelled offline stand-in, for tests")
+                               help="inception: torch-fidelity's FID network; "
+                               "standin: a labelled offline stand-in, for tests")
     feature_weights: str = setting("", help="local file of the Inception FID weights "
                                    "(weights-inception-2015-12-05-6726825d.pth), when offline")
     xrv_weights: str = setting("", help="torchxrayvision's densenet121-res224-all: a .safetensors file, or a folder "
@@ -189,8 +196,10 @@ class EvalConfig(Checked):
     audit_cosine_threshold: float = setting(0.99, min=-1.0, max=1.0, help="flag a generated image whose feature "
                                             "cosine with a train image is above this")
     adherence_scorer: str = setting("xrv", choices=("xrv", "geometry"), help="who scores the findings for prompt "
-                                    "adherence: xrv (torchxrayvision's classifier) or geometry (the synthetic films' oracle, offline)")
-    adherence_min_cases: int = setting(5, min=1, help="a finding needs this many positive and negative images, else it is skipped")
+                                    "adherence: xrv (torchxrayvision's classifier) or geometry "
+                                    "(the synthetic films' oracle, offline)")
+    adherence_min_cases: int = setting(5, min=1, help="a finding needs this many positive and negative images, "
+                                       "else it is skipped")
     audit_percentile: float = setting(99.9, above=0.0, below=100.0, help="flag only above this percentile of "
                                       "real test images' nearest-train similarities too")
     resolution: int = setting(128, min=8, help="image size in px the features are computed at")
