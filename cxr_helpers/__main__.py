@@ -167,7 +167,7 @@ def _add_stage_parsers(sub) -> None:
         add_config_flags(p, stage.config, stage.required, stage.exclusive)
         p.set_defaults(func=stage.run)
     sub.choices["train"].add_argument("--config-file", help="a saved train config (JSON) to start from; "
-                                      "the flags given override it")
+                                      "the flags given override it (default: none)")
 
 
 def _add_kaggle_parser(sub) -> None:

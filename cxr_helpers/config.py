@@ -176,7 +176,7 @@ class EvalConfig(Checked):
                                          "e.g. base=OUT/base fine-tuned=OUT/tuned")
     out: str = setting("eval", help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
     metrics: tuple[str, ...] = setting(("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence"),
-                                       help="any of these, space- or comma-separated")
+                                       help="which metrics: any of the default's, space- or comma-separated")
     feature_net: str = setting("inception", choices=("inception", "standin"),
                                help="inception: torch-fidelity's FID network; "
                                "standin: a labelled offline stand-in, for tests")
