@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
-from .io import library_versions, on_kaggle, read_json, read_user_json, write_json
+from .environment import library_versions, on_kaggle
+from .io import read_json, read_user_json, write_json
 
 # The maintained copy of SD1.5 (same files and licence), the id diffusers' own docs use.
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

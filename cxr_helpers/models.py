@@ -43,7 +43,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     from huggingface_hub import constants
 
-    from .io import can_reach
+    from .environment import can_reach
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False

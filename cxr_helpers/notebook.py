@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .config import Preset, SynthConfig, TinyModelConfig, get_preset, preset_name, stage_config
 from .errors import CxrError
-from .io import cache_root, kaggle_input, kaggle_working, on_kaggle, read_json, write_json
+from .environment import cache_root, kaggle_input, kaggle_working, on_kaggle
+from .io import read_json, write_json
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
