@@ -32,7 +32,8 @@ import torch
 
 from cxr_helpers.config import TrainConfig
 from cxr_helpers.models import sd15_shaped_parts
-from cxr_helpers.synthetic import draw_patient, draw_report, render, write_impression
+from cxr_helpers.synthetic import draw_report, write_impression
+from cxr_helpers.synthetic_films import draw_patient, render
 from cxr_helpers.train import Encodings, diffusion_loss, encode_images, encode_prompts, sample_latents
 
 # Dense fp16 tensor peak (TFLOP/s) by card, for the fraction-of-peak line on a GPU.

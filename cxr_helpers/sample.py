@@ -457,7 +457,7 @@ def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None,
                         "image": marker, "indication": "synthetic", "comparison": "None.",
                         "findings": "", "impression": prompt})
         projections.append({"uid": uid, "filename": name, "projection": "Frontal"})
-    from .synthetic import PROJECTION_COLUMNS, REPORT_COLUMNS
+    from .layout import PROJECTION_COLUMNS, REPORT_COLUMNS
 
     write_csv(out / "indiana_reports.csv", pd.DataFrame(reports, columns=REPORT_COLUMNS))
     write_csv(out / "indiana_projections.csv", pd.DataFrame(projections, columns=PROJECTION_COLUMNS))
