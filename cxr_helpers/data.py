@@ -168,7 +168,7 @@ class PrepareResult:
 
 def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> PrepareResult:
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
-    from .models import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
