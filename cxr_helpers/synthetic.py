@@ -131,30 +131,26 @@ def write_findings(report: SynthReport) -> str:
     return f"{heart} {pleura} {lungs}"
 
 
+# Per finding kind: its MeSH major term (the Problems column) and the qualifiers after it.
+_MESH = {
+    "cardiomegaly": ("Cardiomegaly", "{severity}"),
+    "effusion": ("Pleural Effusion", "{side}/{severity}"),
+    "opacity": ("Opacity", "lung/{zone} lobe/{side}"),
+    "granuloma": ("Calcified Granuloma", "lung/{zone} lobe/{side}"),
+    "atelectasis": ("Pulmonary Atelectasis", "base/{side}"),
+    "emphysema": ("Pulmonary Emphysema", ""),
+}
+
+
 def mesh_terms(report: SynthReport) -> tuple[str, str]:
     """MeSH (with qualifiers, ';'-separated) and Problems (major terms), as in the Kaggle CSV."""
     if report.normal:
         return "normal", "normal"
     mesh, problems = [], []
     for f in report.findings:
-        if f.kind == "cardiomegaly":
-            mesh.append(f"Cardiomegaly/{f.severity}")
-            problems.append("Cardiomegaly")
-        elif f.kind == "effusion":
-            mesh.append(f"Pleural Effusion/{f.side}/{f.severity}")
-            problems.append("Pleural Effusion")
-        elif f.kind == "opacity":
-            mesh.append(f"Opacity/lung/{f.zone} lobe/{f.side}")
-            problems.append("Opacity")
-        elif f.kind == "granuloma":
-            mesh.append(f"Calcified Granuloma/lung/{f.zone} lobe/{f.side}")
-            problems.append("Calcified Granuloma")
-        elif f.kind == "atelectasis":
-            mesh.append(f"Pulmonary Atelectasis/base/{f.side}")
-            problems.append("Pulmonary Atelectasis")
-        elif f.kind == "emphysema":
-            mesh.append("Pulmonary Emphysema")
-            problems.append("Pulmonary Emphysema")
+        term, qualifiers = _MESH[f.kind]
+        mesh.append(f"{term}/{qualifiers.format(**vars(f))}" if qualifiers else term)
+        problems.append(term)
     return ";".join(mesh), ";".join(dict.fromkeys(problems))
 
 
