@@ -25,6 +25,7 @@ from .layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, IMAGES_SUBDIR, KAGGLE_DATAS
                      PAIRS_CSV, PAIRS_REQUIRED, PREPARE_CONFIG_JSON, PROJECTION_COLUMNS_NEEDED, PROJECTIONS_CSV,
                      REPORT_COLUMNS_NEEDED, REPORTS_CSV, SUMMARY_JSON, SYNTHETIC_MANIFEST, contained_image_path)
 from .prompts import clean_prompt, collapse_whitespace, count_tokens
+from .tokenizer import load_tokenizer
 
 EXCLUSION_REASONS = ("duplicate_row", "no_report", "other_projection", "empty_impression", "too_long",
                      "outside_data_dir", "missing_image", "unreadable_image")
@@ -49,7 +50,7 @@ def default_data_dir() -> Path | None:
         return named[0].parent
     if on_kaggle():
         for found in sorted(root.glob("**/" + REPORTS_CSV), key=lambda p: (len(p.parts), str(p))):
-            if (found.parent / "images").is_dir() and not (found.parent / SYNTHETIC_MANIFEST).is_file():
+            if (found.parent / IMAGES_SUBDIR.parent).is_dir() and not (found.parent / SYNTHETIC_MANIFEST).is_file():
                 return found.parent
     return None
 
@@ -168,8 +169,6 @@ class PrepareResult:
 
 def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> PrepareResult:
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
-    from .tokenizer import load_tokenizer
-
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
     if tokenizer is None:
