@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from cxr_helpers import evaluate as ev
-from cxr_helpers.synthetic import draw_patient, draw_report, render
+from cxr_helpers.synthetic import draw_report
+from cxr_helpers.synthetic_films import draw_patient, render
 
 
 def films(n: int, seed: int) -> torch.Tensor:

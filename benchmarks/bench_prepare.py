@@ -27,8 +27,9 @@ from PIL import Image
 
 from cxr_helpers.config import PrepareConfig
 from cxr_helpers.data import prepare
-from cxr_helpers.models import load_tokenizer, write_clip_tokenizer
-from cxr_helpers.synthetic import draw_patient, draw_report, render, write_impression
+from cxr_helpers.synthetic import draw_report, write_impression
+from cxr_helpers.synthetic_films import draw_patient, render
+from cxr_helpers.tokenizer import load_tokenizer, write_clip_tokenizer
 
 N_REPORTS, N_IMAGES, N_DISTINCT, N_DECODE = 3955, 7466, 24, 120
 

@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from cxr_helpers.models import SD15_SCHEDULER, sd15_shaped_parts
+from cxr_helpers.models import SD15_SCHEDULER
 from cxr_helpers.sample import generate, image_seed
+from sd15_shapes import sd15_shaped_parts
 
 PROMPTS = ["No acute cardiopulmonary abnormality.", "Cardiomegaly without acute pulmonary disease.",
            "Small left pleural effusion.", "Right lower lobe opacity concerning for pneumonia."]

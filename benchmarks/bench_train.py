@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from cxr_helpers.config import TrainConfig
-from cxr_helpers.models import sd15_shaped_parts
-from cxr_helpers.synthetic import draw_patient, draw_report, render, write_impression
+from cxr_helpers.synthetic import draw_report, write_impression
+from cxr_helpers.synthetic_films import draw_patient, render
 from cxr_helpers.train import Encodings, diffusion_loss, encode_images, encode_prompts, sample_latents
+from sd15_shapes import sd15_shaped_parts
 
 # Dense fp16 tensor peak (TFLOP/s) by card, for the fraction-of-peak line on a GPU.
 PEAK_FP16_TFLOPS = {"P100": 18.7, "T4": 65.0, "V100": 125.0, "A100": 312.0, "L4": 121.0, "H100": 989.0, "H200": 989.0}

@@ -24,7 +24,8 @@ import torch
 def build_sd15_shaped(folder: Path) -> Path:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from cxr_helpers.models import SD15_SCHEDULER, sd15_shaped_parts
+    from cxr_helpers.models import SD15_SCHEDULER
+    from sd15_shapes import sd15_shaped_parts
 
     if (folder / "model_index.json").is_file():
         return folder

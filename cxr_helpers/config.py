@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
-from .io import library_versions, read_user_json, write_json
+from .environment import library_versions
+from .io import read_user_json, write_json
 from .presets import (AUTO, PRESET_ALIASES, PRESET_CHOICES, PRESETS, RETIRED_MODEL_IDS,  # noqa: F401 (re-exported)
                       SD15_MODEL_ID, Preset, auto_preset, get_preset, preset_name, preset_values)
 from .settings import Checked, field_type, setting

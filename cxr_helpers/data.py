@@ -1,5 +1,5 @@
-"""The data stage: the Kaggle CSVs and PNGs -> clean (image, prompt) pairs, a split, and a
-torch Dataset that serves them.
+"""The data stage: the Kaggle CSVs and PNGs -> clean (image, prompt) pairs and a split
+(dataset.ChestXrayDataset serves them to the other stages).
 
 Rule (the seed experiment's): prompt = the report's impression with whitespace collapsed; a
 pair is kept when the prompt is non-empty and SD1.5's CLIP tokenizer gives at most 77 ids,
@@ -9,34 +9,28 @@ one of pairs.csv (kept) or excluded.csv (with its reason).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from .config import PrepareConfig, save_config
+from .environment import kaggle_input, on_kaggle
 from .errors import CxrError
-from .io import KAGGLE_DATASET_SLUG, atomic_path, kaggle_input, on_kaggle, write_csv, write_json
+from .image_cache import inspect_images
+from .io import write_csv, write_json
+from .layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, IMAGES_SUBDIR, KAGGLE_DATASET, KAGGLE_DATASET_SLUG, PAIRS_COLUMNS,
+                     PAIRS_CSV, PAIRS_REQUIRED, PREPARE_CONFIG_JSON, PROJECTION_COLUMNS_NEEDED, PROJECTIONS_CSV,
+                     REPORT_COLUMNS_NEEDED, REPORTS_CSV, SUMMARY_JSON, SYNTHETIC_MANIFEST, contained_image_path)
+from .prompts import clean_prompt, collapse_whitespace, count_tokens
+from .tokenizer import load_tokenizer
 
-REPORTS_CSV = "indiana_reports.csv"
-PROJECTIONS_CSV = "indiana_projections.csv"
-IMAGES_SUBDIR = Path("images") / "images_normalized"
-REPORT_COLUMNS_NEEDED = ("uid", "impression")
-PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
-PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
 EXCLUSION_REASONS = ("duplicate_row", "no_report", "other_projection", "empty_impression", "too_long",
                      "outside_data_dir", "missing_image", "unreadable_image")
 SPLITS = ("patient", "image")
 PROJECTIONS = {"both": ("Frontal", "Lateral"), "frontal": ("Frontal",), "lateral": ("Lateral",)}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
 
 
 # ---------------------------------------------------------------- reading --------------------
@@ -56,7 +50,7 @@ def default_data_dir() -> Path | None:
         return named[0].parent
     if on_kaggle():
         for found in sorted(root.glob("**/" + REPORTS_CSV), key=lambda p: (len(p.parts), str(p))):
-            if (found.parent / "images").is_dir() and not (found.parent / "synthetic_manifest.json").is_file():
+            if (found.parent / IMAGES_SUBDIR.parent).is_dir() and not (found.parent / SYNTHETIC_MANIFEST).is_file():
                 return found.parent
     return None
 
@@ -67,30 +61,37 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     found = default_data_dir()
     if found is None:
         raise CxrError("no data dir given and not on Kaggle; pass --data-dir DIR (a folder holding "
-                       f"{REPORTS_CSV}, {PROJECTIONS_CSV} and images/images_normalized/), or make one "
+                       f"{REPORTS_CSV}, {PROJECTIONS_CSV} and {IMAGES_SUBDIR.as_posix()}/), or make one "
                        "with `python -m cxr_helpers synth --out DIR`")
     return found
 
 
-def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise CxrError(f"data dir {path.parent} has no {path.name}; attach the Kaggle dataset "
-                       "raddar/chest-xrays-indiana-university or pass --data-dir")
+def read_uid_csv(path: Path, needed: tuple[str, ...], unreadable_fix: str, columns_fix: str, uid_fix: str,
+                 show_columns: bool = False) -> pd.DataFrame:
+    """A CSV read as strings whose `uid` column holds report numbers (made ints), or one sentence
+    naming what is wrong and the fix the caller gives."""
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CxrError(f"{path} is not a readable CSV ({exc.__class__.__name__}); re-download it "
-                       "from the Kaggle dataset") from None
+        raise CxrError(f"{path} is not a readable CSV ({exc.__class__.__name__}); {unreadable_fix}") from None
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise CxrError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
-                       f"{', '.join(frame.columns)}); use the Kaggle dataset's original file")
+        has = f" (it has: {', '.join(frame.columns)})" if show_columns else ""
+        raise CxrError(f"{path} lacks the column(s) {', '.join(missing)}{has}; {columns_fix}")
     bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")  # "1.5", "", "abc": not a report number
     if bad_uid.any():
         raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
-                       f"{int(np.flatnonzero(bad_uid)[0]) + 2}; fix or remove that row")
+                       f"{int(np.flatnonzero(bad_uid)[0]) + 2}; {uid_fix}")
     frame["uid"] = frame["uid"].astype(int)
     return frame
+
+
+def _read_kaggle_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise CxrError(f"data dir {path.parent} has no {path.name}; attach the Kaggle dataset "
+                       f"{KAGGLE_DATASET} or pass --data-dir")
+    return read_uid_csv(path, needed, "re-download it from the Kaggle dataset",
+                        "use the Kaggle dataset's original file", "fix or remove that row", show_columns=True)
 
 
 def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,101 +99,10 @@ def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise CxrError(f"data dir {data_dir} does not exist; attach the Kaggle dataset "
-                       "raddar/chest-xrays-indiana-university or pass --data-dir")
-    reports = _read_csv(data_dir / REPORTS_CSV, REPORT_COLUMNS_NEEDED)
-    projections = _read_csv(data_dir / PROJECTIONS_CSV, PROJECTION_COLUMNS_NEEDED)
+                       f"{KAGGLE_DATASET} or pass --data-dir")
+    reports = _read_kaggle_csv(data_dir / REPORTS_CSV, REPORT_COLUMNS_NEEDED)
+    projections = _read_kaggle_csv(data_dir / PROJECTIONS_CSV, PROJECTION_COLUMNS_NEEDED)
     return reports, projections
-
-
-def image_path(data_dir: str | os.PathLike, filename: str) -> Path:
-    return Path(data_dir) / IMAGES_SUBDIR / filename
-
-
-def inside(folder: str | os.PathLike, name: str) -> Path | None:
-    """folder/name when it resolves (symlinks and `..` followed) to a place under folder, else
-    None: a file named in a CSV ("../../x.png", "/etc/x.png") must not reach outside its folder."""
-    root = Path(folder).resolve()
-    try:
-        path = (root / str(name)).resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        return None
-    return path if path != root and path.is_relative_to(root) else None
-
-
-def contained_image_path(data_dir: str | os.PathLike, filename: str) -> Path | None:
-    """image_path, or None when the filename points outside the dataset's image folder."""
-    return image_path(data_dir, filename) if inside(Path(data_dir) / IMAGES_SUBDIR, filename) else None
-
-
-# ---------------------------------------------------------------- prompts --------------------
-
-def collapse_whitespace(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-_XXXX = re.compile(r"\b[xX]*XXXX[xX]*\b(?:[-,]\s*)?")
-_LIST_NUMBER = re.compile(r"(?:(?<=\s)|^)\d{1,2}[.)]\s+(?=\S)")
-
-
-def clean_prompt(text: str) -> str:
-    """Optional cleaning: drop XXXX de-identification marks, list numbering and the stray
-    punctuation they leave. "x-XXXX" becomes "x-ray": the de-identifier masked the word "ray"."""
-    text = collapse_whitespace(text)
-    text = re.sub(r"\b([xX])-XXXX\b", r"\1-ray", text)
-    text = _XXXX.sub("", text)
-    text = _LIST_NUMBER.sub("", text)
-    text = re.sub(r"\s+([.,;:])", r"\1", text)  # space before punctuation
-    text = re.sub(r"([.,;:])(?:\s*[.,;:])+", r"\1", text)  # runs of punctuation
-    text = re.sub(r"-(?=[\s.,;:]|$)", "", text)  # a hyphen left dangling by a removed XXXX
-    text = re.sub(r"^[\s.,;:]+", "", text)
-    return collapse_whitespace(text)
-
-
-def count_tokens(prompts, tokenizer) -> dict[str, int]:
-    """Number of CLIP ids per distinct prompt, start and end tokens included, not truncated."""
-    distinct = sorted({p for p in prompts if p})
-    if not distinct:
-        return {}
-    ids = tokenizer(distinct, truncation=False, add_special_tokens=True)["input_ids"]
-    return {p: len(i) for p, i in zip(distinct, ids)}
-
-
-# ---------------------------------------------------------------- images ---------------------
-
-def inspect_image(path: Path) -> tuple[str | None, int, int]:
-    """(problem, width, height) from the file's header and trailer, without decoding pixels.
-
-    problem is None, "missing_image" or "unreadable_image". A truncated PNG lacks its IEND
-    trailer; a non-image fails the header. Two small reads per file: fast over 7,466 images.
-    """
-    try:
-        size = path.stat().st_size
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing_image", 0, 0
-    if size == 0:
-        return "unreadable_image", 0, 0
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            with Image.open(path) as im:
-                width, height = im.size
-                fmt = im.format
-            if head == _PNG_SIGNATURE or fmt == "PNG":
-                handle.seek(max(0, size - 12))
-                if not handle.read(12).endswith(_PNG_TRAILER):
-                    return "unreadable_image", width, height
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "unreadable_image", 0, 0  # a decompression bomb (a huge header) is not a film either
-    if width <= 0 or height <= 0:
-        return "unreadable_image", 0, 0
-    return None, width, height
-
-
-def inspect_images(paths: list[Path], workers: int = 8, progress: bool = True) -> list[tuple[str | None, int, int]]:
-    # Threads: the work is file I/O (slow on Kaggle's mounted inputs), not Python.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(tqdm(pool.map(inspect_image, paths, chunksize=64), total=len(paths),
-                         desc="checking images", disable=not progress))
 
 
 # ---------------------------------------------------------------- split ----------------------
@@ -257,44 +167,59 @@ class PrepareResult:
         return counts[counts > 0]
 
 
-def sample_images(dataset: "ChestXrayDataset", n: int, seed: int = 0) -> tuple[list, list[str]]:
-    """n random (resized image, caption) pairs from a dataset, for a grid."""
-    rng = np.random.default_rng(seed)
-    picks = sorted(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False).tolist())
-    images = [dataset.load_image(i) for i in picks]
-    captions = [f"{dataset.pairs.at[i, 'projection']} | {dataset.pairs.at[i, 'prompt']}" for i in picks]
-    return images, captions
-
-
 def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> PrepareResult:
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
-    from .models import load_tokenizer
-
     data_dir = resolve_data_dir(cfg.data_dir)
     reports, projections = read_tables(data_dir)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
-
-    images = projections[list(PROJECTION_COLUMNS_NEEDED)].sort_values(["uid", "filename"], kind="stable")
-    if cfg.limit is not None:
-        images = images.head(cfg.limit)
-    images = images.reset_index(drop=True)
-    # One film is one pair: a file listed twice would train twice. The first listing (by uid,
-    # then file order) is kept, the others are excluded as duplicate_row.
-    duplicate = images.duplicated("filename", keep="first")
+    images = _listed_images(projections, cfg.limit)
     # A uid with several report rows: the first row in the file is the report (counted in the summary).
     duplicate_reports = int(reports.duplicated("uid").sum())
     reports = reports.drop_duplicates("uid", keep="first")
+    table = _with_prompts(images, reports, cfg, tokenizer)
+    problem = _exclude(table, data_dir, cfg, progress)
+    pairs = _split_kept(table, cfg)
+    excluded = table[table["reason"] != ""][list(EXCLUDED_COLUMNS)].reset_index(drop=True)
+
+    summary = summarize(pairs, excluded, table, reports, problem, cfg)
+    summary["duplicate_report_rows"] = duplicate_reports
+    out = Path(cfg.out)
+    write_csv(out / PAIRS_CSV, pairs)
+    write_csv(out / EXCLUDED_CSV, excluded)
+    write_json(out / SUMMARY_JSON, summary)
+    save_config(cfg, out / PREPARE_CONFIG_JSON, data_dir=str(data_dir))
+    return PrepareResult(pairs, excluded, summary, out)
+
+
+def _listed_images(projections: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+    """The listed images by uid, then file; the first `limit` of them when given."""
+    images = projections[list(PROJECTION_COLUMNS_NEEDED)].sort_values(["uid", "filename"], kind="stable")
+    if limit is not None:
+        images = images.head(limit)
+    return images.reset_index(drop=True)
+
+
+def _with_prompts(images: pd.DataFrame, reports: pd.DataFrame, cfg: PrepareConfig, tokenizer) -> pd.DataFrame:
+    """One row per listed image with its report's prompt and token count; `reason` starts as
+    duplicate_row for a file listed again (one film is one pair: it would train twice; the
+    first listing, by uid then file order, is kept) and empty for the others."""
+    duplicate = images.duplicated("filename", keep="first")
     table = images.merge(reports[["uid", "impression"]], on="uid", how="left", indicator=True)
     table["prompt"] = table["impression"].fillna("").map(collapse_whitespace)
     if cfg.clean_prompts:
         table["prompt"] = table["prompt"].map(clean_prompt)
     n_tokens = count_tokens(table["prompt"], tokenizer)
     table["n_tokens"] = table["prompt"].map(lambda p: n_tokens.get(p, 0)).astype(int)
+    table["reason"] = pd.Series("", index=table.index, dtype=object)
+    table.loc[duplicate.to_numpy(), "reason"] = "duplicate_row"
+    return table
 
-    # The first reason that applies, in the order of EXCLUSION_REASONS.
-    reason = pd.Series("", index=table.index, dtype=object)
-    reason[duplicate.to_numpy()] = "duplicate_row"
+
+def _exclude(table: pd.DataFrame, data_dir: Path, cfg: PrepareConfig, progress: bool) -> pd.Series:
+    """Fill table's `reason` (the first that applies, in the order of EXCLUSION_REASONS) and its
+    width and height; returns every listed file's image problem ("" when none)."""
+    reason = table["reason"].copy()
     wanted = table["projection"].isin(PROJECTIONS[cfg.projection])
     reason[(reason == "") & (table["_merge"] == "left_only")] = "no_report"
     reason[(reason == "") & ~wanted] = "other_projection"
@@ -313,26 +238,22 @@ def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> Prepar
     table["height"] = [c[2] for c in checks]
     reason[(reason == "") & (problem != "")] = problem[(reason == "") & (problem != "")]
     table["reason"] = reason
+    return problem
 
+
+def _split_kept(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
+    """The kept rows with their split, in pairs.csv's columns; refused when a side is empty
+    (nothing is written: an empty side would fail later, in train or evaluate)."""
     pairs = table[table["reason"] == ""].drop(columns=["reason", "impression", "_merge"]).reset_index(drop=True)
     pairs["split"] = split_pairs(pairs, cfg.split, cfg.test_fraction, cfg.seed)
     pairs = pairs[list(PAIRS_COLUMNS)]
     sides = {s: int((pairs["split"] == s).sum()) for s in ("train", "test")}
     empty = [s for s, n in sides.items() if n == 0]
-    if empty:  # nothing is written: an empty side would fail later, in train or evaluate
+    if empty:
         raise CxrError(f"the {cfg.split} split of {len(pairs)} pairs with --test-fraction {cfg.test_fraction} leaves "
                        f"no {empty[0]} pairs; {'lower' if empty[0] == 'train' else 'raise'} --test-fraction"
                        + (" or use more data (--limit, more reports)" if len(pairs) < 10 else ""))
-    excluded = table[table["reason"] != ""][["uid", "filename", "projection", "reason", "n_tokens"]].reset_index(drop=True)
-
-    summary = summarize(pairs, excluded, table, reports, problem, cfg)
-    summary["duplicate_report_rows"] = duplicate_reports
-    out = Path(cfg.out)
-    write_csv(out / "pairs.csv", pairs)
-    write_csv(out / "excluded.csv", excluded)
-    write_json(out / "summary.json", summary)
-    save_config(cfg, out / "prepare_config.json", data_dir=str(data_dir))
-    return PrepareResult(pairs, excluded, summary, out)
+    return pairs
 
 
 def summarize(pairs, excluded, table, reports, problem, cfg: PrepareConfig) -> dict:
@@ -365,28 +286,13 @@ def summarize(pairs, excluded, table, reports, problem, cfg: PrepareConfig) -> d
     }
 
 
-PAIRS_REQUIRED = ("uid", "filename", "prompt", "split")
-
-
 def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
     """pairs.csv as written by prepare, checked; optionally one split only."""
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"pairs file {path} does not exist; run `python -m cxr_helpers prepare` first")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CxrError(f"{path} is not a readable CSV ({exc.__class__.__name__}); it must be a pairs.csv "
-                       "written by `python -m cxr_helpers prepare`") from None
-    missing = [c for c in PAIRS_REQUIRED if c not in frame.columns]
-    if missing:
-        raise CxrError(f"{path} lacks the column(s) {', '.join(missing)}; it must be a pairs.csv "
-                       "written by `python -m cxr_helpers prepare`")
-    bad_uid = ~frame["uid"].str.fullmatch(r"\s*\d+\s*")
-    if bad_uid.any():
-        raise CxrError(f"{path} has a non-integer uid {frame.loc[bad_uid, 'uid'].iloc[0]!r} on row "
-                       f"{int(np.flatnonzero(bad_uid)[0]) + 2}; re-run prepare")
-    frame["uid"] = frame["uid"].astype(int)
+    written_by_prepare = "it must be a pairs.csv written by `python -m cxr_helpers prepare`"
+    frame = read_uid_csv(path, PAIRS_REQUIRED, written_by_prepare, written_by_prepare, "re-run prepare")
     for column in ("n_tokens", "width", "height"):  # numbers in pairs.csv, when present
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
@@ -399,133 +305,6 @@ def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFram
             raise CxrError(f"split {split!r} is not known; use train or test")
         frame = frame[frame["split"] == split].reset_index(drop=True)
     return frame
-
-
-# ---------------------------------------------------------------- dataset --------------------
-
-FITS = ("stretch", "pad", "crop")
-
-
-def _to_8bit_gray(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8), "L")
-    return im.convert("L")
-
-
-def resize_xray(im: Image.Image, resolution: int, fit: str = "stretch") -> Image.Image:
-    """Resize to resolution x resolution with Lanczos (anti-aliased: its support widens with the
-    downscale factor). stretch = the seed's plain resize; pad keeps the aspect with black bars;
-    crop keeps the aspect and cuts the long side's ends."""
-    im = _to_8bit_gray(im)
-    # reducing_gap: a fast integer box reduction first, then Lanczos; indistinguishable at >= 3.
-    if fit == "stretch":
-        return im.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    w, h = im.size
-    scale = resolution / (max(w, h) if fit == "pad" else min(w, h))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if fit == "crop":
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        return im.crop((left, top, left + resolution, top + resolution))
-    canvas = Image.new("L", (resolution, resolution), 0)
-    canvas.paste(im, ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
-    return canvas
-
-
-def _decode_full_image(path: Path) -> Image.Image:
-    """Decode one full-size film (the slow step the cache exists to avoid)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
-
-
-class ChestXrayDataset:
-    """(image, prompt) pairs as 3-channel tensors in [-1, 1] at resolution x resolution.
-
-    Resized images are cached on disk as small PNGs keyed on the source file (name, size,
-    mtime), the resolution and the fit, so each full-size PNG is decoded once across runs.
-    """
-
-    def __init__(self, pairs: pd.DataFrame | str | os.PathLike, data_dir: str | os.PathLike,
-                 resolution: int = 128, cache_dir: str | os.PathLike | None = None,
-                 split: str | None = None, fit: str = "stretch"):
-        if isinstance(pairs, (str, os.PathLike)):
-            pairs = load_pairs(pairs, split)
-        elif split is not None:
-            pairs = pairs[pairs["split"] == split].reset_index(drop=True)
-        if resolution < 8 or resolution % 8:
-            raise CxrError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
-        if fit not in FITS:
-            raise CxrError(f"fit {fit!r} is not known; use stretch, pad or crop")
-        self.pairs = pairs.reset_index(drop=True)
-        self.data_dir = Path(data_dir)
-        self.resolution = resolution
-        self.fit = fit
-        self.cache_dir = Path(cache_dir) / f"{resolution}px-{fit}" if cache_dir else None
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def _cache_path(self, source: Path) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        stat = source.stat()
-        key = f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{self.resolution}|{self.fit}|lanczos"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        return self.cache_dir / f"{source.name.split('.')[0]}-{digest}.png"
-
-    def is_cached(self, index: int) -> bool:
-        source = contained_image_path(self.data_dir, self.pairs.at[index, "filename"])
-        if self.cache_dir is None or source is None or not source.is_file():
-            return False
-        return self._cache_path(source).is_file()
-
-    def load_image(self, index: int) -> Image.Image:
-        """The resized 8-bit grayscale image of pair `index` (from the cache when there)."""
-        filename = self.pairs.at[index, "filename"]
-        source = contained_image_path(self.data_dir, filename)
-        if source is None:
-            raise CxrError(f"pairs.csv names {filename!r}, which lies outside {self.data_dir / IMAGES_SUBDIR}; "
-                           "re-run prepare (it excludes such rows as outside_data_dir)")
-        if not source.is_file():
-            raise CxrError(f"image {source} is missing; re-run prepare so it goes to excluded.csv")
-        cached = self._cache_path(source)
-        if cached is not None and cached.is_file():
-            with Image.open(cached) as im:
-                return im.convert("L")
-        try:
-            small = resize_xray(_decode_full_image(source), self.resolution, self.fit)
-        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise CxrError(f"image {source} could not be decoded ({exc}); remove it from pairs.csv "
-                           "or replace the file") from None
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cached) as tmp:
-                small.save(tmp, format="PNG")
-        return small
-
-    def __getitem__(self, index: int) -> dict:
-        import torch
-
-        pixels = np.asarray(self.load_image(index), dtype=np.float32) / 127.5 - 1.0
-        tensor = torch.from_numpy(pixels).unsqueeze(0).expand(3, -1, -1).contiguous()
-        row = self.pairs.iloc[index]
-        return {"pixel_values": tensor, "prompt": row["prompt"], "uid": int(row["uid"]),
-                "filename": row["filename"]}
-
-    def warm_cache(self, workers: int | None = None, progress: bool = True) -> int:
-        """Resize every image into the cache (threads: Pillow decodes without the GIL).
-        Returns how many were decoded now (0 when all were cached)."""
-        if self.cache_dir is None:
-            return 0
-        todo = [i for i in range(len(self)) if not self.is_cached(i)]
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            list(tqdm(pool.map(self.load_image, todo), total=len(todo), desc="resizing images",
-                      disable=not progress or not todo))
-        return len(todo)
 
 
 def mesh_major_terms(reports: pd.DataFrame) -> pd.Series:

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from . import adherence as adh
 from .config import EvalConfig, config_to_dict
 from .errors import CxrError, library_reason
-from .io import atomic_path, cache_root, can_reach, library_versions, write_csv, write_json
+from .environment import cache_root, can_reach, library_versions
+from .io import atomic_path, write_csv, write_json
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)
@@ -322,7 +323,8 @@ def gray_to_rgb_tensor(images: list[np.ndarray], resolution: int) -> torch.Tenso
 
 def real_set(cfg: EvalConfig, split: str, data_dir: Path, cache_dir: Path, name: str) -> ImageSet:
     """The split's images, resized and cached exactly as for training, as uint8 3-channel."""
-    from .data import ChestXrayDataset, load_pairs
+    from .data import load_pairs
+    from .dataset import ChestXrayDataset
 
     pairs = load_pairs(cfg.pairs, split)
     dataset = ChestXrayDataset(pairs, data_dir, cfg.resolution, cache_dir=cache_dir / "images", fit=cfg.fit)
@@ -339,7 +341,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
         raise CxrError(f"generated dir {folder} does not exist; make it with `python -m cxr_helpers sample`")
     if not meta_path.is_file():
         raise CxrError(f"generated dir {folder} has no metadata.csv; pass a folder written by `python -m cxr_helpers sample`")
-    from .data import inside
+    from .layout import inside
 
     try:
         meta = pd.read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
@@ -686,7 +688,8 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
                      notes: list[str], progress: bool) -> pd.DataFrame:
     """Per finding, the AUROC of the scorer's score against the label of the report each prompt
     came from, for every generated set and for the real test films (the ceiling)."""
-    from .data import REPORTS_CSV, load_pairs, read_tables
+    from .data import load_pairs, read_tables
+    from .layout import REPORTS_CSV
 
     reports, _ = read_tables(data_dir)
     if "MeSH" not in reports.columns and "Problems" not in reports.columns:

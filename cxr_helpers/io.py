@@ -1,64 +1,13 @@
-"""Shared file plumbing: atomic writes, JSON with library versions, Kaggle detection."""
+"""Shared file plumbing: atomic writes, and the JSON, CSV and figure files written through them."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-KAGGLE_DATASET = "raddar/chest-xrays-indiana-university"
-KAGGLE_DATASET_SLUG = KAGGLE_DATASET.split("/")[1]
-# Kaggle's file system lives under /kaggle; CXR_KAGGLE_ROOT moves it (the offline rehearsal of a
-# Kaggle session in the tests lays one out in a temporary folder).
-KAGGLE_ROOT_ENV = "CXR_KAGGLE_ROOT"
-
-# Libraries whose versions are written beside every artifact.
-TRACKED_PACKAGES = (
-    "torch", "diffusers", "transformers", "peft", "accelerate", "torchmetrics",
-    "pandas", "numpy", "pillow", "cxr-lora",
-)
-
-
-def on_kaggle() -> bool:
-    """True inside a Kaggle notebook session (Kaggle sets this variable in every kernel)."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
-
-
-def kaggle_root() -> Path:
-    return Path(os.environ.get(KAGGLE_ROOT_ENV) or "/kaggle")
-
-
-def kaggle_input() -> Path:
-    """Where Kaggle mounts the attached datasets and earlier notebooks' outputs (read-only)."""
-    return kaggle_root() / "input"
-
-
-def kaggle_working() -> Path:
-    """The session's output folder: what Kaggle saves as the notebook's output."""
-    return kaggle_root() / "working"
-
-
-def offline() -> bool:
-    """CXR_OFFLINE=1 (or HF_HUB_OFFLINE=1): never open a connection, treat every host as unreachable."""
-    return any(os.environ.get(name, "0").lower() in ("1", "true", "yes") for name in ("CXR_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def cache_root(out: str | os.PathLike) -> Path:
-    """The one cache of resized images, latents and features for an output folder.
-
-    On Kaggle it sits outside /kaggle/working, so the published output holds results only
-    (thousands of cache PNGs would otherwise land there); elsewhere it is OUT/cache.
-    """
-    if os.environ.get("CXR_CACHE_DIR"):
-        return Path(os.environ["CXR_CACHE_DIR"])
-    if on_kaggle():
-        return Path(tempfile.gettempdir()) / "cxr-lora-cache"
-    return Path(out) / "cache"
 
 
 def _umask() -> int:
@@ -126,20 +75,6 @@ def read_user_json(path: str | os.PathLike, what: str, missing_hint: str) -> Any
         raise CxrError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
 
 
-def can_reach(host: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to host:443 opens (offline it fails fast, unlike client retries)."""
-    import socket
-
-    if offline():
-        return False
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def write_csv(path: str | os.PathLike, frame) -> Path:
     """Write a pandas DataFrame atomically, without its index."""
     with atomic_path(path) as tmp:
@@ -152,13 +87,3 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions

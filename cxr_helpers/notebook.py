@@ -10,7 +10,9 @@ from pathlib import Path
 
 from .config import Preset, SynthConfig, TinyModelConfig, get_preset, preset_name, stage_config
 from .errors import CxrError
-from .io import cache_root, kaggle_input, kaggle_working, on_kaggle, read_json, write_json
+from .environment import cache_root, kaggle_input, kaggle_working, on_kaggle
+from .io import read_json, write_json
+from .layout import DATA_STAGE_DIR, DEMO_INPUTS_DIR, FIGURES_DIR, LORA_SUBDIR, PAIRS_CSV, RECORDS_DIR, TRAIN_STAGE_DIR
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -30,13 +32,8 @@ class Inputs:
     out: Path
     cache: Path  # resized images, latents, features: shared by every stage, outside Kaggle's output
 
-    def __repr__(self) -> str:
-        # One line per input: the notebook cell that ends with `inputs` shows a readable list.
-        return "\n".join([f"Inputs (preset {self.preset.name}: {self.preset.description})",
-                          f"  data   {self.data_dir}", f"  model  {self.model}", f"  output {self.out}"])
-
     def figures(self, notebook: str) -> Path:
-        folder = self.out / "figures" / notebook
+        folder = self.out / FIGURES_DIR / notebook
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -62,7 +59,7 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
     out = output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if chosen.offline:
-        demo = out / "demo_inputs"
+        demo = out / DEMO_INPUTS_DIR
         if not data_dir:
             synth = stage_config(SynthConfig, preset, out=str(demo / "synthetic_data"))
             if not dataset_is_built(synth.out, synth):
@@ -84,10 +81,10 @@ def prepared_pairs(inputs: Inputs, lora_dir: str | os.PathLike | None = None, pr
     from .data import prepare
 
     if lora_dir is not None:
-        trained_on = Path(lora_dir).parent.parent / "data" / "pairs.csv"
+        trained_on = Path(lora_dir).parent.parent / DATA_STAGE_DIR / PAIRS_CSV
         if trained_on.is_file():
             return trained_on
-    pairs = inputs.out / "data" / "pairs.csv"
+    pairs = inputs.out / DATA_STAGE_DIR / PAIRS_CSV
     if pairs.is_file():
         return pairs
     cfg = stage_config(PrepareConfig, inputs.preset.name, data_dir=str(inputs.data_dir),
@@ -98,7 +95,7 @@ def prepared_pairs(inputs: Inputs, lora_dir: str | os.PathLike | None = None, pr
 
 def record(out: str | os.PathLike, notebook: str, **values) -> dict:
     """Merge `values` into OUT/records/NOTEBOOK.json (what tests read back) and return them."""
-    path = Path(out) / "records" / f"{notebook}.json"
+    path = Path(out) / RECORDS_DIR / f"{notebook}.json"
     current = read_json(path) if path.is_file() else {}
     current.update(json.loads(json.dumps(values, default=str)))
     write_json(path, current)
@@ -149,9 +146,9 @@ def trained_lora(inputs: Inputs, lora_dir: str = "") -> Path:
     previous run's output attached as input)."""
     from .sample import LORA_WEIGHTS
 
-    candidates = [Path(lora_dir)] if lora_dir else [inputs.out / "train" / "lora"]
+    candidates = [Path(lora_dir)] if lora_dir else [inputs.out / TRAIN_STAGE_DIR / LORA_SUBDIR]
     if not lora_dir and on_kaggle():
-        candidates += sorted(kaggle_input().glob("**/train/lora"))
+        candidates += sorted(kaggle_input().glob(f"**/{TRAIN_STAGE_DIR}/{LORA_SUBDIR}"))
     for path in candidates:
         if (path / LORA_WEIGHTS).is_file():
             return path

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CxrError
-from .io import on_kaggle
+from .environment import on_kaggle
 
 # The maintained copy of SD1.5 (same files and licence), the id diffusers' own docs use.
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

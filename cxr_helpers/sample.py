@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
 from .errors import CxrError, library_reason
-from .io import atomic_path, library_versions, read_json, read_user_json, write_csv, write_json
+from .environment import library_versions
+from .io import atomic_path, read_json, read_user_json, write_csv, write_json
 from .ownership import claim
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -276,7 +277,8 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
 def real_images(pairs_csv, data_dir, n: int, split: str = "test", resolution: int = 128, seed: int = 0,
                 cache_dir=None, frontal_only: bool = True):
     """n (image, prompt) pairs of the split, one per report (frontal films when asked)."""
-    from .data import ChestXrayDataset, load_pairs
+    from .data import load_pairs
+    from .dataset import ChestXrayDataset
 
     pairs = load_pairs(pairs_csv, split)
     if frontal_only and "projection" in pairs and (pairs["projection"] == "Frontal").any():
@@ -455,7 +457,7 @@ def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None,
                         "image": marker, "indication": "synthetic", "comparison": "None.",
                         "findings": "", "impression": prompt})
         projections.append({"uid": uid, "filename": name, "projection": "Frontal"})
-    from .synthetic import PROJECTION_COLUMNS, REPORT_COLUMNS
+    from .layout import PROJECTION_COLUMNS, REPORT_COLUMNS
 
     write_csv(out / "indiana_reports.csv", pd.DataFrame(reports, columns=REPORT_COLUMNS))
     write_csv(out / "indiana_projections.csv", pd.DataFrame(projections, columns=PROJECTION_COLUMNS))

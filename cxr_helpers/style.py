@@ -30,16 +30,12 @@ def set_colours(names) -> list[str]:
 # (key, label, better): the order readers look at first: FID, FID-infinity, KID, IS, precision/
 # recall, density/coverage, diversity, audit. better: "lower" or "higher".
 METRICS_SHOWN = [
-    ("fid", "FID", "lower"),
-    ("fid_infinity", "FID∞", "lower"),
-    ("fid_inf", "FID∞", "lower"),
-    ("fid_xrv", "FID (XRV DenseNet)", "lower"),
-    ("kid", "KID", "lower"),
+    # Grouped by family.
+    ("fid", "FID", "lower"), ("fid_infinity", "FID∞", "lower"), ("fid_inf", "FID∞", "lower"),
+    ("fid_xrv", "FID (XRV DenseNet)", "lower"), ("kid", "KID", "lower"),
     ("is", "Inception Score", "higher"),
-    ("precision", "precision", "higher"),
-    ("recall", "recall", "higher"),
-    ("density", "density", "higher"),
-    ("coverage", "coverage", "higher"),
+    ("precision", "precision", "higher"), ("recall", "recall", "higher"),
+    ("density", "density", "higher"), ("coverage", "coverage", "higher"),
     ("ms_ssim_within_prompt", "within-prompt MS-SSIM", "lower"),
     # The audit: counts and the real-vs-real baseline, last (a count, not a distribution distance).
     ("audit_train_matches", "memorisation flags (train matches)", "lower"),

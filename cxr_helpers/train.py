@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict, save_config
 from .errors import CxrError
-from .io import (atomic_path, cache_root, give_umask_modes, kaggle_input, library_versions, on_kaggle, read_json, write_csv,
-                 write_json, write_text)
+from .environment import cache_root, kaggle_input, library_versions, on_kaggle
+from .io import atomic_path, give_umask_modes, read_json, write_csv, write_json, write_text
 from .ownership import file_digest, model_fingerprint, record_owner, text_digest
 from .sample import LORA_WEIGHTS
 
@@ -123,7 +123,7 @@ def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Pat
                             tokenizer, text_encoder, vae, device, weight_dtype, progress: bool = True) -> Encodings:
     from safetensors.torch import load_file, save_file
 
-    from .data import ChestXrayDataset
+    from .dataset import ChestXrayDataset
 
     key = cache_key(cfg, pairs, data_dir, weight_dtype)
     path = cache_dir / f"encodings-{key}.safetensors"

@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from cxr_helpers.models import load_tokenizer
+    from cxr_helpers.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -7,7 +7,8 @@ from PIL import Image
 from cxr_helpers import adherence as adh
 from cxr_helpers import evaluate as ev
 from cxr_helpers.config import EvalConfig, PrepareConfig, SynthConfig, stage_config
-from cxr_helpers.data import ChestXrayDataset, load_pairs, prepare
+from cxr_helpers.data import load_pairs, prepare
+from cxr_helpers.dataset import ChestXrayDataset
 from cxr_helpers.errors import CxrError
 from cxr_helpers.synthetic import make_synthetic_dataset
 from conftest import write_set

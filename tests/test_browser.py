@@ -131,7 +131,7 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    from cxr_helpers.models import load_tokenizer
+    from cxr_helpers.tokenizer import load_tokenizer
 
     url, token = lab
     root, inputs = lab_root

@@ -3,10 +3,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_helpers import data
+from cxr_helpers import data, image_cache
 from cxr_helpers.config import PrepareConfig
-from cxr_helpers.data import ChestXrayDataset, clean_prompt, collapse_whitespace, prepare, resize_xray
+from cxr_helpers.data import prepare
+from cxr_helpers.dataset import ChestXrayDataset
 from cxr_helpers.errors import CxrError
+from cxr_helpers.image_cache import resize_xray
+from cxr_helpers.prompts import clean_prompt, collapse_whitespace
 
 
 def make_dataset(root, impressions, views=("Frontal", "Lateral"), size=(200, 240)):
@@ -169,8 +172,8 @@ def test_each_full_size_png_is_decoded_once_across_runs(synth_dir, tmp_path, tok
     run(synth_dir, tmp_path / "out", tokenizer)
     pairs = pd.read_csv(tmp_path / "out" / "pairs.csv").head(6)
     decoded = []
-    real_decode = data._decode_full_image
-    monkeypatch.setattr(data, "_decode_full_image", lambda path: decoded.append(path.name) or real_decode(path))
+    real_decode = image_cache._decode_full_image
+    monkeypatch.setattr(image_cache, "_decode_full_image", lambda path: decoded.append(path.name) or real_decode(path))
     first = ChestXrayDataset(pairs, synth_dir, cache_dir=tmp_path / "cache")
     assert first.warm_cache(progress=False) == 6 and len(decoded) == 6
     a = [first[i]["pixel_values"] for i in range(6)]

@@ -8,7 +8,8 @@ from PIL import Image
 
 from cxr_helpers import evaluate as ev
 from cxr_helpers.config import EvalConfig, SampleConfig, stage_config
-from cxr_helpers.data import ChestXrayDataset, load_pairs
+from cxr_helpers.data import load_pairs
+from cxr_helpers.dataset import ChestXrayDataset
 from cxr_helpers.errors import CxrError
 from cxr_helpers.sample import sample
 from conftest import write_set

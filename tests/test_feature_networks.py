@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from cxr_helpers import evaluate as ev
 from cxr_helpers.config import EvalConfig, stage_config
-from cxr_helpers.data import ChestXrayDataset, load_pairs
+from cxr_helpers.data import load_pairs
+from cxr_helpers.dataset import ChestXrayDataset
 from cxr_helpers.errors import CxrError
 
 from test_evaluate import split_images, write_set

@@ -143,7 +143,8 @@ def test_push_refuses_the_placeholder_owner(tmp_path):
 
 
 def test_on_kaggle_defaults_resolve_to_inputs_and_working(monkeypatch, tmp_path):
-    from cxr_helpers import data, io, notebook
+    from cxr_helpers import data, notebook
+    from cxr_helpers import environment as io
 
     kaggle_input = tmp_path / "input"
     iu = kaggle_input / "datasets" / "raddar" / "chest-xrays-indiana-university"

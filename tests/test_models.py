@@ -5,7 +5,8 @@ import torch
 
 from cxr_helpers.config import TinyModelConfig
 from cxr_helpers.errors import CxrError
-from cxr_helpers.models import build_tiny_pipeline, load_pipeline, load_tokenizer, make_tiny_model
+from cxr_helpers.models import build_tiny_pipeline, load_pipeline, make_tiny_model
+from cxr_helpers.tokenizer import load_tokenizer
 
 
 def test_rebuilt_tokenizer_is_sd15s(tokenizer):

@@ -5,9 +5,8 @@ import pandas as pd
 from PIL import Image
 
 from cxr_helpers.config import SynthConfig
-from cxr_helpers.synthetic import (
-    Finding, draw_patient, heart_width_fraction, make_synthetic_dataset, render,
-)
+from cxr_helpers.synthetic import heart_width_fraction, make_synthetic_dataset
+from cxr_helpers.synthetic_films import Finding, draw_patient, render
 
 
 def test_exact_kaggle_layout(synth_dir):

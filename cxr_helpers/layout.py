@@ -1,0 +1,71 @@
+"""Every file and folder name of the Kaggle dataset's layout and of this project's own outputs,
+in one place: the stages, the synthetic dataset and the export all read and write these.
+
+The Kaggle dataset raddar/chest-xrays-indiana-university:
+
+    DIR/indiana_reports.csv        one row per report (uid, MeSH, ..., impression)
+    DIR/indiana_projections.csv    one row per image (uid, filename, projection)
+    DIR/images/images_normalized/  the PNG films named in indiana_projections.csv
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KAGGLE_DATASET = "raddar/chest-xrays-indiana-university"
+KAGGLE_DATASET_SLUG = KAGGLE_DATASET.split("/")[1]
+
+# ---------------------------------------------------------------- the Kaggle dataset ---------
+REPORTS_CSV = "indiana_reports.csv"
+PROJECTIONS_CSV = "indiana_projections.csv"
+IMAGES_SUBDIR = Path("images") / "images_normalized"
+# All columns of the Kaggle CSVs (the synthetic dataset and the export write them all) ...
+REPORT_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+PROJECTION_COLUMNS = ["uid", "filename", "projection"]
+# ... and those the data stage reads.
+REPORT_COLUMNS_NEEDED = ("uid", "impression")
+PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
+
+# ---------------------------------------------------------------- datasets this project makes --
+SYNTHETIC_LABELS_CSV = "synthetic_labels.csv"  # the synthetic dataset's ground truth
+SYNTH_CONFIG_JSON = "synth_config.json"  # marks a finished synthetic dataset
+SYNTHETIC_MANIFEST = "synthetic_manifest.json"  # marks a dataset exported from generated images
+
+# ---------------------------------------------------------------- the data stage's outputs ----
+DATA_STAGE_DIR = "data"  # OUT/data: what prepare writes when a notebook runs it
+PAIRS_CSV = "pairs.csv"
+EXCLUDED_CSV = "excluded.csv"
+SUMMARY_JSON = "summary.json"
+PREPARE_CONFIG_JSON = "prepare_config.json"
+PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
+PAIRS_REQUIRED = ("uid", "filename", "prompt", "split")
+EXCLUDED_COLUMNS = ("uid", "filename", "projection", "reason", "n_tokens")
+
+# ---------------------------------------------------------------- the rest of OUT -------------
+TRAIN_STAGE_DIR = "train"
+LORA_SUBDIR = "lora"  # OUT/train/lora: the trained LoRA
+FIGURES_DIR = "figures"
+RECORDS_DIR = "records"  # OUT/records/NOTEBOOK.json: values the notebooks record for the tests
+DEMO_INPUTS_DIR = "demo_inputs"  # the offline presets' synthetic dataset and tiny model
+CACHE_IMAGES_SUBDIR = "images"  # CACHE/images: the resized-image cache every stage shares
+
+
+def image_path(data_dir: str | os.PathLike, filename: str) -> Path:
+    return Path(data_dir) / IMAGES_SUBDIR / filename
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path | None:
+    """folder/name when it resolves (symlinks and `..` followed) to a place under folder, else
+    None: a file named in a CSV ("../../x.png", "/etc/x.png") must not reach outside its folder."""
+    root = Path(folder).resolve()
+    try:
+        path = (root / str(name)).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if path != root and path.is_relative_to(root) else None
+
+
+def contained_image_path(data_dir: str | os.PathLike, filename: str) -> Path | None:
+    """image_path, or None when the filename points outside the dataset's image folder."""
+    return image_path(data_dir, filename) if inside(Path(data_dir) / IMAGES_SUBDIR, filename) else None
