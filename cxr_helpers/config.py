@@ -17,13 +17,13 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
 from .environment import library_versions
+from .image_cache import FITS, VAE_FACTOR, VAE_WHY
 from .io import read_user_json, write_json
 from .presets import (AUTO, PRESET_ALIASES, PRESET_CHOICES, PRESETS, RETIRED_MODEL_IDS,  # noqa: F401 (re-exported)
                       SD15_MODEL_ID, Preset, auto_preset, get_preset, preset_name, preset_values)
 from .settings import Checked, field_type, setting
 
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
-VAE_WHY = "the VAE downsamples by 8"
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
 CACHE_HELP = "where cached files go; \"\" = OUT/cache (on Kaggle: /tmp, outside the output)"
 MODEL_HELP = "hub id or local diffusers dir"
@@ -85,8 +85,8 @@ class TrainConfig(Checked):
     model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
     out: str = setting("train", help="output folder: lora/, loss.csv, checkpoints/, figures/")
     cache_dir: str = setting("", help=CACHE_HELP + ": latents, text embeddings, resized images")
-    resolution: int = setting(128, multiple_of=8, why=VAE_WHY, help="training image size in px")
-    fit: str = setting("stretch", choices=("stretch", "pad", "crop"),
+    resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="training image size in px")
+    fit: str = setting("stretch", choices=FITS,
                        help="how a film becomes a square (stretch: the seed's)")
     batch_size: int = setting(4, min=1, help="images per step per process (per GPU)")
     grad_accum: int = setting(1, min=1, help="gradient accumulation steps")
@@ -143,7 +143,7 @@ class SampleConfig(Checked):
     lora_scale: float = setting(1.0, help="any finite value: 0 = the base model, 1 = the full LoRA")
     batch_size: int = setting(8, min=1, help="images per pipeline call")
     seed: int = setting(0, min=0, help="random seed of the first image of each prompt")
-    resolution: int = setting(128, multiple_of=8, why=VAE_WHY, help="image size in px")
+    resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="image size in px")
     upscale: int = setting(0, min=0, help="also write a copy upscaled to this size, e.g. 512 (0 = none)")
     strict: bool = setting(False, help="refuse prompts over 77 CLIP tokens instead of truncating them")
     limit: int | None = setting(None, min=1, help="only the first N prompts")
@@ -203,8 +203,8 @@ class EvalConfig(Checked):
                                        "else it is skipped")
     audit_percentile: float = setting(99.9, above=0.0, below=100.0, help="flag only above this percentile of "
                                       "real test images' nearest-train similarities too")
-    resolution: int = setting(128, min=8, help="image size in px the features are computed at")
-    fit: str = setting("stretch", choices=("stretch", "pad", "crop"), help="how a film becomes a square")
+    resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="image size in px the features are computed at")
+    fit: str = setting("stretch", choices=FITS, help="how a film becomes a square")
     cache_dir: str = setting("", help=CACHE_HELP + ": real-image features, resized images")
     seed: int = setting(0, min=0, help="random seed of subsets and jackknife groups")
     batch_size: int = setting(32, min=1, help="images per feature-network call")

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from .errors import CxrError
 from .io import atomic_path
 
+VAE_FACTOR = 8  # SD1.5's VAE downsamples by 8: an image size must be a multiple of it
+VAE_WHY = "the VAE downsamples by 8"
 FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and crop keep the aspect
 RESAMPLING = "lanczos"  # part of the cache key: another filter would be another picture
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,8 +27,8 @@ _PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
 
 def check_resolution(resolution: int) -> None:
     """The one rule for an image size: the VAE downsamples by 8."""
-    if resolution < 8 or resolution % 8:
-        raise CxrError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
+    if resolution < VAE_FACTOR or resolution % VAE_FACTOR:
+        raise CxrError(f"resolution must be a positive multiple of {VAE_FACTOR} ({VAE_WHY}), got {resolution}")
 
 
 def check_fit(fit: str) -> None:
