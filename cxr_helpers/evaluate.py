@@ -34,6 +34,8 @@ TABLE_COLUMNS = ["set", "metric", "value", "std", "ci_low", "ci_high", "n_real",
 
 @dataclass
 class EvalResult:
+    """What `evaluate` wrote to `out`, as tables, and its notes and figures."""
+
     out: Path
     table: pd.DataFrame
     audit: pd.DataFrame
@@ -43,8 +45,6 @@ class EvalResult:
     notes: list[str]
     cache_hits: list[str]
     figures: dict
-
-
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | None = None) -> EvalResult:
@@ -93,6 +93,7 @@ def checked_config(cfg: EvalConfig) -> EvalConfig:
 
 
 def read_generated_sets(cfg: EvalConfig, folders: list[tuple[str, Path]], notes: list[str]) -> list[ImageSet]:
+    """Each sample folder's readable images; a note counts the unreadable ones."""
     generated = [generated_set(name, path, cfg.resolution) for name, path in folders]
     for g in generated:
         if g.unreadable:
@@ -186,6 +187,7 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def adherence_of(run: EvalRun) -> pd.DataFrame:
+    """The adherence table; with its columns and no rows when adherence was not measured."""
     return run.tables.get("adherence", pd.DataFrame(columns=adh.ADHERENCE_COLUMNS))
 
 
