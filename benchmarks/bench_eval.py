@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -26,9 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_helpers import evaluate as ev
+from cxr_helpers.features import InceptionFeatures
+from cxr_helpers.image_sets import embed, full_float32, gray_to_rgb_tensor
+from cxr_helpers.metrics import torchmetrics_fid, torchmetrics_is, torchmetrics_kid
 from cxr_helpers.synthetic import draw_report
 from cxr_helpers.synthetic_films import draw_patient, render
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test stand-ins, not the package's
+from stand_ins import random_inception_weights  # noqa: E402
 
 
 def films(n: int, seed: int) -> torch.Tensor:
@@ -37,7 +43,7 @@ def films(n: int, seed: int) -> torch.Tensor:
         rng = np.random.default_rng([seed, i])
         report = draw_report(i, rng)
         out.append(render(report.findings, "Frontal" if i % 2 else "Lateral", draw_patient(rng), 128, 128, rng))
-    return ev.gray_to_rgb_tensor(out, 128)
+    return gray_to_rgb_tensor(out, 128)
 
 
 def main() -> None:
@@ -54,8 +60,8 @@ def main() -> None:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-    weights = str(ev.random_inception_weights(Path(tempfile.mkdtemp()) / "inception-random.pth"))
-    net = ev.InceptionFeatures(weights)
+    weights = str(random_inception_weights(Path(tempfile.mkdtemp()) / "inception-random.pth"))
+    net = InceptionFeatures(weights)
     with FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
     print(f"network: torch-fidelity Inception-v3, random weights, {counter.get_total_flops() / 1e9:.1f} GFLOP per "
@@ -78,7 +84,7 @@ def main() -> None:
             metric.to(args.device)
         # float32 convolutions, as the project's pass (on a GPU cuDNN would use TF32 otherwise:
         # benchmarks/gpu_feature_precision.py measures that apart).
-        with ev.full_float32():
+        with full_float32():
             for start in batches:
                 real_batch = real[start:start + args.batch_size].to(args.device)
                 fake_batch = fake[start:start + args.batch_size].to(args.device)
@@ -92,12 +98,12 @@ def main() -> None:
         return float(fid.compute()), float(kid_value[0]), float(score.compute()[0])
 
     def shared():
-        shared_net = ev.InceptionFeatures(weights).to(args.device)
-        real_pool, _ = ev.embed(shared_net, real, args.batch_size, progress=False)
-        fake_pool, fake_logits = ev.embed(shared_net, fake, args.batch_size, progress=False)
-        return (ev.torchmetrics_fid(real_pool, fake_pool, args.device),
-                ev.torchmetrics_kid(real_pool, fake_pool, subset, 0, args.device)[0],
-                ev.torchmetrics_is(fake_logits, 10, 0, args.device)[0])
+        shared_net = InceptionFeatures(weights).to(args.device)
+        real_pool, _ = embed(shared_net, real, args.batch_size, progress=False)
+        fake_pool, fake_logits = embed(shared_net, fake, args.batch_size, progress=False)
+        return (torchmetrics_fid(real_pool, fake_pool, args.device),
+                torchmetrics_kid(real_pool, fake_pool, subset, 0, args.device)[0],
+                torchmetrics_is(fake_logits, 10, 0, args.device)[0])
 
     times: dict[str, list[float]] = {}
     results = {}

@@ -1,5 +1,5 @@
 """How far TF32 convolutions (cuDNN's default on a GPU) move the Inception features and the FID,
-against the float32 pass the project uses (evaluate.full_float32), and what each costs.
+against the float32 pass the project uses (image_sets.full_float32), and what each costs.
 torch-fidelity's Inception-v3 with random weights (the FID weights are a download): a lead on
 the size of the effect, not the figure for the real weights. GPU only.
 
@@ -9,14 +9,20 @@ the size of the effect, not the figure for the real weights. GPU only.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from cxr_helpers import evaluate as ev
+from cxr_helpers.features import InceptionFeatures
+from cxr_helpers.image_sets import embed
+from cxr_helpers.metrics import torchmetrics_fid
 from bench_eval import films
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test stand-ins, not the package's
+from stand_ins import random_inception_weights  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_feature_precision.py needs a CUDA GPU; on a CPU there is no TF32 to compare")
-    weights = ev.random_inception_weights(Path(tempfile.mkdtemp()) / "inception-random.pth")
-    net = ev.InceptionFeatures(weights).cuda()
+    weights = random_inception_weights(Path(tempfile.mkdtemp()) / "inception-random.pth")
+    net = InceptionFeatures(weights).cuda()
     real, fake = films(args.images, 1), films(args.images, 2)
 
     def tf32_pass(images):
@@ -41,13 +47,13 @@ def main() -> None:
             torch.backends.cudnn.allow_tf32 = saved
 
     results = {}
-    for name, run in (("float32", lambda x: ev.embed(net, x, args.batch_size, progress=False)[0]), ("tf32", tf32_pass)):
+    for name, run in (("float32", lambda x: embed(net, x, args.batch_size, progress=False)[0]), ("tf32", tf32_pass)):
         run(real[:args.batch_size])  # warm-up: cuDNN picks its kernels
         torch.cuda.synchronize()
         tic = time.perf_counter()
         pools = run(real), run(fake)
         torch.cuda.synchronize()
-        results[name] = (time.perf_counter() - tic, pools, ev.torchmetrics_fid(*pools, "cuda"))
+        results[name] = (time.perf_counter() - tic, pools, torchmetrics_fid(*pools, "cuda"))
     (t32, (r32, f32), fid32), (ttf, (rtf, ftf), fidtf) = results["float32"], results["tf32"]
     feature_rel = float((rtf - r32).norm() / r32.norm())
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, 2 x {args.images} images")

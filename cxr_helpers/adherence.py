@@ -17,12 +17,18 @@ Scorers are looked up by name in SCORERS:
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .synthetic import heart_width_fraction
+
+if TYPE_CHECKING:  # annotations only: image_sets imports the package's heavy parts
+    from .config import EvalConfig
+    from .image_sets import ImageSet
 
 # MeSH / Problems major term (lower case, as in indiana_reports.csv) -> the classifier's finding
 # (torchxrayvision's pathology names). Terms not listed here give no label.
@@ -149,15 +155,15 @@ class GeometryOracle:
 
 class XRVClassifier:
     """torchxrayvision's DenseNet-121 (`densenet121-res224-all`): a score per pathology it was
-    trained on; its weights are handled as for the domain FID (`evaluate.XRVFeatures`)."""
+    trained on; its weights are handled as for the domain FID (`features.XRVFeatures`)."""
 
     def __init__(self, weights: str | None = None, features=None):
-        from .evaluate import XRVFeatures
+        from .features import XRVFeatures
 
         self.features = features or XRVFeatures(weights or None)
         import torchxrayvision as xrv
 
-        from .evaluate import XRV_WEIGHTS_NAME
+        from .features import XRV_WEIGHTS_NAME
 
         self.net = self.features.net
         self.name = f"torchxrayvision {XRV_WEIGHTS_NAME} classifier"
@@ -207,3 +213,42 @@ def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name
         notes.append(f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
                      f"(positives+/negatives-): {', '.join(skipped)}")
     return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS)
+
+
+def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet,
+                     data_dir: Path, notes: list[str], progress: bool) -> pd.DataFrame:
+    """Per finding, the AUROC of the scorer's score against the label of the report each prompt
+    came from, for every generated set and for the real test films (the ceiling)."""
+    from .data import load_pairs, read_tables
+    from .layout import REPORTS_CSV
+    from .image_sets import REAL_TEST_SET
+
+    reports, _ = read_tables(data_dir)
+    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
+        notes.append(f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
+                     "no report has a label; use the Kaggle dataset's original file")
+        return pd.DataFrame(columns=ADHERENCE_COLUMNS)
+    labels = report_labels(reports)
+    pairs = load_pairs(cfg.pairs)
+    by_prompt = prompt_labels(pairs, labels)
+    parts = []
+    for name, image_set in generated:
+        known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
+        if not known:
+            notes.append(f"adherence skipped for {name}: none of its {len(set(image_set.prompts))} prompt(s) is the "
+                         f"impression of a report in {cfg.pairs}, so no image has a label; sample from that pairs.csv")
+            continue
+        if len(known) < len(image_set.prompts):
+            notes.append(f"adherence: {name}: {len(image_set.prompts) - len(known)} image(s) whose prompt is no "
+                         "report's impression are left out")
+        scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
+        truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
+        parts.append(adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
+    truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
+    scores = scorer.score(real.images, cfg.batch_size, progress)
+    parts.append(adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    table = pd.concat(parts, ignore_index=True)
+    if not len(table):
+        notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
+    return table

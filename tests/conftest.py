@@ -65,15 +65,15 @@ def lora_dir(pairs_csv, synth_dir, tiny_model_dir, tmp_path_factory):
 def _no_weight_downloads(monkeypatch):
     """The Inception and XRV weights come from GitHub: tests see it as unreachable, so nothing
     downloads even on a machine with internet (the offline messages are what is tested)."""
-    from cxr_helpers import evaluate
+    from cxr_helpers import features
 
-    monkeypatch.setattr(evaluate, "_github_reachable", lambda: False)
+    monkeypatch.setattr(features, "_github_reachable", lambda: False)
 
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """torch-fidelity's Inception-v3 with random weights, as a state dict file (no download)."""
-    from cxr_helpers.evaluate import random_inception_weights
+    from stand_ins import random_inception_weights
 
     return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth", seed=0)
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 from cxr_helpers import adherence as adh
 from cxr_helpers import evaluate as ev
+from cxr_helpers import image_sets
 from cxr_helpers.config import EvalConfig, PrepareConfig, SynthConfig, stage_config
 from cxr_helpers.data import load_pairs, prepare
 from cxr_helpers.dataset import ChestXrayDataset
@@ -69,7 +70,7 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
                        metrics=("adherence",), adherence_scorer="geometry", real_floor=False)
     result = ev.evaluate(cfg, progress=False)
     table = result.adherence.set_index(["set", "finding"])
-    real = table.loc[(ev.REAL_TEST_SET, "Cardiomegaly")]
+    real = table.loc[(image_sets.REAL_TEST_SET, "Cardiomegaly")]
     assert real["positives"] >= 10 and real["negatives"] >= 10 and real["images"] == len(images)
     assert real["auroc"] > 0.85 and real["ci_low"] > 0.7
     # Copies of the real films under their own prompts: the same as the real films.
@@ -79,7 +80,7 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
     assert 0.3 < noise_row["auroc"] < 0.7 and noise_row["ci_low"] < 0.5 < noise_row["ci_high"]
     # The files: adherence.csv, rows in metrics.csv with counts and intervals, the bar chart.
     saved = pd.read_csv(tmp_path / "eval" / "adherence.csv")
-    assert set(saved["set"]) == {"copies", "noise", ev.REAL_TEST_SET} and (saved["scorer"] == adh.GeometryOracle.name).all()
+    assert set(saved["set"]) == {"copies", "noise", image_sets.REAL_TEST_SET} and (saved["scorer"] == adh.GeometryOracle.name).all()
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv").set_index(["set", "metric"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "value"] == pytest.approx(noise_row["auroc"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "n_generated"] == len(images)
@@ -100,7 +101,7 @@ def test_adherence_skips_with_notes_naming_the_counts(larger, tmp_path):
     assert "adherence skipped for unknown: none of its 1 prompt(s)" in notes
     labels = adh.prompt_labels(load_pairs(pairs_csv), adh.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
     positives = int(labels.loc[prompts, "Cardiomegaly"].sum())
-    assert (f"adherence: {ev.REAL_TEST_SET}: skipped for fewer than {len(images)} positive or negative images "
+    assert (f"adherence: {image_sets.REAL_TEST_SET}: skipped for fewer than {len(images)} positive or negative images "
             f"(positives+/negatives-): Cardiomegaly {positives}+/{len(images) - positives}-") in notes
     assert len(result.adherence) == 0 and "adherence" not in result.figures
     with pytest.raises(CxrError, match="--adherence-scorer 'oracle' is not known"):

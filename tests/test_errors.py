@@ -2,7 +2,7 @@
 
 import pytest
 
-from cxr_helpers import evaluate as ev
+from cxr_helpers import features
 from cxr_helpers.errors import CxrError, library_reason
 
 
@@ -22,6 +22,6 @@ def test_library_reason_keeps_the_mismatch_and_the_wrapped_cause():
 def test_an_inception_failure_that_is_not_the_network_says_what_it_is(inception_weights, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(ev, "_inception_class", lambda: broken)
+    monkeypatch.setattr(features, "_inception_class", lambda: broken)
     with pytest.raises(CxrError, match=r"could not get the Inception weights .*\(OSError: \[Errno 28\] No space left on device\)"):
-        ev.InceptionFeatures(inception_weights)
+        features.InceptionFeatures(inception_weights)

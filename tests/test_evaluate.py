@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from cxr_helpers import evaluate as ev
+from cxr_helpers import features, image_sets, memorisation, metrics
 from cxr_helpers.config import EvalConfig, SampleConfig, stage_config
 from cxr_helpers.data import load_pairs
 from cxr_helpers.dataset import ChestXrayDataset
@@ -40,7 +41,7 @@ def test_fid_matches_torchmetrics_on_the_same_features():
     for n, m, d in [(40, 50, 64), (300, 260, 16)]:  # fewer and more samples than dimensions
         a = torch.randn(n, d, generator=g, dtype=torch.float64)
         b = torch.randn(m, d, generator=g, dtype=torch.float64) * 1.3 + 0.2
-        ours, theirs = ev.frechet_distance(a, b), ev.torchmetrics_fid(a, b)
+        ours, theirs = metrics.frechet_distance(a, b), metrics.torchmetrics_fid(a, b)
         assert abs(ours - theirs) <= 1e-6 * abs(theirs)
 
 
@@ -51,8 +52,8 @@ def test_fid_of_two_known_gaussians_matches_the_closed_form():
     b = torch.randn(n, 4, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1, 1, 1], dtype=torch.float64)
     b[:, 0] += 1.0  # N((1,0,0,0), diag(4,1,1,1))
     # ||mu||^2 + tr(I + S - 2 S^1/2) = 1 + (1 + 4 - 4) = 2
-    assert ev.frechet_distance(a, b) == pytest.approx(2.0, abs=0.08)
-    assert ev.torchmetrics_fid(a, b) == pytest.approx(2.0, abs=0.08)
+    assert metrics.frechet_distance(a, b) == pytest.approx(2.0, abs=0.08)
+    assert metrics.torchmetrics_fid(a, b) == pytest.approx(2.0, abs=0.08)
 
 
 def _gaussian_pair(g, n, d, shift, scale):
@@ -65,12 +66,12 @@ def test_fid_interval_covers_the_mean_fid_at_that_n_in_about_95_percent_of_draws
     # fresh samples of that N is what the interval is for (FID-infinity handles N -> infinity).
     g = torch.Generator().manual_seed(0)
     n, d, shift, scale = 80, 8, 0.4, 1.2
-    mean_fid = np.mean([ev.frechet_distance(*_gaussian_pair(g, n, d, shift, scale)) for _ in range(600)])
+    mean_fid = np.mean([metrics.frechet_distance(*_gaussian_pair(g, n, d, shift, scale)) for _ in range(600)])
     covered = []
     for i in range(200):
         a, b = _gaussian_pair(g, n, d, shift, scale)
-        low, high = ev.fid_interval(a, b, groups=10, seed=i)
-        assert low <= ev.frechet_distance(a, b) <= high
+        low, high = metrics.fid_interval(a, b, groups=10, seed=i)
+        assert low <= metrics.frechet_distance(a, b) <= high
         covered.append(low <= mean_fid <= high)
     assert 0.90 <= np.mean(covered) <= 0.99
 
@@ -80,10 +81,10 @@ def test_fid_interval_of_two_samples_of_one_distribution_contains_the_estimate()
     # bootstrap's interval lay wholly above the estimate here.
     g = torch.Generator().manual_seed(2)
     a, b = _gaussian_pair(g, 60, 96, 0.0, 1.0)
-    estimate = ev.frechet_distance(a, b)
-    low, high = ev.fid_interval(a, b, groups=10, seed=0)
+    estimate = metrics.frechet_distance(a, b)
+    low, high = metrics.fid_interval(a, b, groups=10, seed=0)
     assert low < estimate < high and high - low < estimate
-    assert ev.fid_interval(a[:3], b[:3], groups=10) == (ev.frechet_distance(a[:3], b[:3]),) * 2  # too few to cut
+    assert metrics.fid_interval(a[:3], b[:3], groups=10) == (metrics.frechet_distance(a[:3], b[:3]),) * 2  # too few to cut
 
 
 def test_fid_infinity_removes_the_small_sample_bias():
@@ -93,8 +94,8 @@ def test_fid_infinity_removes_the_small_sample_bias():
     plain, infinite = [], []
     for i in range(20):
         a, b = _gaussian_pair(g, n, d, shift, scale)
-        plain.append(ev.frechet_distance(a, b))
-        infinite.append(ev.fid_infinity(a, b, seed=i))
+        plain.append(metrics.frechet_distance(a, b))
+        infinite.append(metrics.fid_infinity(a, b, seed=i))
     assert np.mean(plain) - true_fid > 0.8  # plain FID at N = 200 is ~1 above the truth here
     assert abs(np.mean(infinite) - true_fid) < 0.3
 
@@ -104,7 +105,7 @@ def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, sy
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    net = ev.StandInFeatures(0)
+    net = features.StandInFeatures(0)
     real = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "test")[0]])
     fake = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "train")[0][:len(real)]])
 
@@ -129,11 +130,11 @@ def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, sy
     torch.manual_seed(0)
     is_sep = score.compute()
 
-    real_pool, _ = ev.embed(net, real, progress=False)
-    fake_pool, fake_logits = ev.embed(net, fake, progress=False)
-    assert ev.torchmetrics_fid(real_pool, fake_pool) == pytest.approx(float(fid.compute()), rel=1e-6)
-    assert ev.torchmetrics_kid(real_pool, fake_pool, 10, 0) == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6)
-    assert ev.torchmetrics_is(fake_logits, 2, 0) == pytest.approx(tuple(float(v) for v in is_sep), rel=1e-6)
+    real_pool, _ = image_sets.embed(net, real, progress=False)
+    fake_pool, fake_logits = image_sets.embed(net, fake, progress=False)
+    assert metrics.torchmetrics_fid(real_pool, fake_pool) == pytest.approx(float(fid.compute()), rel=1e-6)
+    assert metrics.torchmetrics_kid(real_pool, fake_pool, 10, 0) == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6)
+    assert metrics.torchmetrics_is(fake_logits, 2, 0) == pytest.approx(tuple(float(v) for v in is_sep), rel=1e-6)
 
 
 def test_copies_of_the_real_test_images_score_zero_and_are_all_flagged(pairs_csv, synth_dir, tmp_path):
@@ -168,7 +169,7 @@ def test_a_planted_training_image_is_flagged(pairs_csv, synth_dir, generated, tm
     # The baseline: real test films of other patients come less close to a training film than the copy.
     baseline = json.loads((tmp_path / "eval" / "metrics.json").read_text())["audit_baseline"]
     value = result.table.set_index(["set", "metric"])["value"]
-    assert value[ev.AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] == baseline["pixel_correlation"] < 0.999
+    assert value[memorisation.AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] == baseline["pixel_correlation"] < 0.999
     assert baseline["pixel_threshold"] == max(0.95, baseline["pixel_correlation"]) and baseline["n_test"] > 0
     assert value["gen", "audit_train_matches"] == 1 and value["gen", "audit_test_matches"] == 0
     assert (tmp_path / "eval" / "audit.csv").is_file() and (tmp_path / "eval" / "figures" / "nearest_pairs.png").is_file()
@@ -178,7 +179,7 @@ def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, gene
     result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "eval", [f"fine-tuned={generated}"]), progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     csv = pd.read_csv(tmp_path / "eval" / "metrics.csv")
-    assert set(csv["set"]) == {"fine-tuned", "real train (floor)", ev.AUDIT_BASELINE_SET}
+    assert set(csv["set"]) == {"fine-tuned", "real train (floor)", memorisation.AUDIT_BASELINE_SET}
     assert {"fid", "fid_infinity", "kid", "is", "precision", "recall", "density", "coverage", "ms_ssim_within_prompt",
             "audit_train_matches", "audit_test_matches", "audit_baseline_pixel_correlation",
             "audit_baseline_feature_cosine"} <= set(csv["metric"])
@@ -211,8 +212,8 @@ def test_real_features_are_cached(pairs_csv, synth_dir, generated, tmp_path, mon
     first = ev.evaluate(cfg, progress=False)
     assert first.cache_hits == []
     embedded = []
-    real_embed = ev.embed
-    monkeypatch.setattr(ev, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
+    real_embed = image_sets.embed
+    monkeypatch.setattr(image_sets, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
     second = ev.evaluate(cfg, progress=False)
     assert len(second.cache_hits) == 2  # the test images and the floor's train images
     assert embedded == [first.table.iloc[0]["n_generated"]]  # only the generated set was embedded
@@ -257,7 +258,7 @@ def test_a_sample_folders_metadata_may_not_name_files_outside_it(pairs_csv, synt
     meta.loc[0, "file"] = "../../elsewhere.png"
     meta.to_csv(folder / "metadata.csv", index=False)
     with pytest.raises(CxrError, match="lies outside"):
-        ev.generated_set("g", folder, 128)
+        image_sets.generated_set("g", folder, 128)
     meta.drop(columns=["file"]).to_csv(folder / "metadata.csv", index=False)
     with pytest.raises(CxrError, match="lacks the column"):
-        ev.generated_set("g", folder, 128)
+        image_sets.generated_set("g", folder, 128)

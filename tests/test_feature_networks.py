@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cxr_helpers import evaluate as ev
+from cxr_helpers import features, image_sets, metrics
 from cxr_helpers.config import EvalConfig, stage_config
 from cxr_helpers.data import load_pairs
 from cxr_helpers.dataset import ChestXrayDataset
@@ -51,15 +52,15 @@ def test_inception_features_give_torchmetrics_own_fid_kid_and_is(pairs_csv, synt
     torch.manual_seed(0)
     is_separate = tuple(float(v) for v in score.compute())
 
-    net = ev.InceptionFeatures(inception_weights)
-    real_pool, _ = ev.embed(net, real, 4, progress=False)
-    fake_pool, fake_logits = ev.embed(net, fake, 4, progress=False)
+    net = features.InceptionFeatures(inception_weights)
+    real_pool, _ = image_sets.embed(net, real, 4, progress=False)
+    fake_pool, fake_logits = image_sets.embed(net, fake, 4, progress=False)
     assert real_pool.shape == (6, 2048) and fake_logits.shape == (6, 1008)
-    fid_shared = ev.torchmetrics_fid(real_pool, fake_pool)
+    fid_shared = metrics.torchmetrics_fid(real_pool, fake_pool)
     assert fid_shared > 0.01 and is_separate[0] > 1.001  # the random network tells images apart
     assert fid_shared == pytest.approx(float(fid.compute()), rel=1e-4)
-    assert ev.torchmetrics_kid(real_pool, fake_pool, 4, 0) == pytest.approx(kid_separate, rel=1e-3)
-    is_shared = ev.torchmetrics_is(fake_logits, 2, 0)
+    assert metrics.torchmetrics_kid(real_pool, fake_pool, 4, 0) == pytest.approx(kid_separate, rel=1e-3)
+    is_shared = metrics.torchmetrics_is(fake_logits, 2, 0)
     assert is_shared[0] - 1 == pytest.approx(is_separate[0] - 1, rel=1e-3)
     assert is_shared[1] == pytest.approx(is_separate[1], rel=1e-2)
 
@@ -73,7 +74,7 @@ def test_evaluate_with_a_local_inception_weights_file(pairs_csv, synth_dir, ince
                        n=4, metrics=("fid", "kid", "is"), real_floor=False, interval_groups=0)
     result = ev.evaluate(cfg, progress=False)
     assert cfg.feature_net == "inception"
-    assert set(result.table["feature_network"]) == {ev.InceptionFeatures.name}
+    assert set(result.table["feature_network"]) == {features.InceptionFeatures.name}
     assert not any("STAND-IN" in note for note in result.notes)
     value = result.table.set_index(["set", "metric"])["value"]
     # The same 4 images on both sides score ~0; 4 other films do not.
@@ -91,30 +92,30 @@ def test_a_weights_file_that_is_more_than_tensors_is_not_unpickled(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, evil)
     with pytest.raises(CxrError, match="is not a plain PyTorch state dict.*not unpickling"):
-        ev.InceptionFeatures(evil)
+        features.InceptionFeatures(evil)
     assert not marker.exists()
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(CxrError, match="is not torch-fidelity's Inception FID weights"):
-        ev.InceptionFeatures(wrong)
+        features.InceptionFeatures(wrong)
 
 
 def test_inception_weights_from_torch_hubs_cache_or_one_sentence(monkeypatch, tmp_path, inception_weights):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(CxrError, match="weights-inception-2015-12-05-6726825d.pth.*no internet.*--feature-weights PATH"):
-        ev.resolve_inception_weights(None)
+        features.resolve_inception_weights(None)
     with pytest.raises(CxrError, match="does not exist"):
-        ev.resolve_inception_weights(tmp_path / "nope.pth")
-    cached = tmp_path / "checkpoints" / ev.INCEPTION_WEIGHTS_FILE
+        features.resolve_inception_weights(tmp_path / "nope.pth")
+    cached = tmp_path / "checkpoints" / features.INCEPTION_WEIGHTS_FILE
     cached.parent.mkdir()
     cached.write_bytes(inception_weights.read_bytes())
-    assert ev.resolve_inception_weights(None) == cached  # where torch-fidelity's own download lands
+    assert features.resolve_inception_weights(None) == cached  # where torch-fidelity's own download lands
 
 
 def test_inception_weights_name_is_torch_fidelitys():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    assert ev.INCEPTION_WEIGHTS_URL == URL_INCEPTION_V3
+    assert features.INCEPTION_WEIGHTS_URL == URL_INCEPTION_V3
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_xrv_fid_from_a_local_weights_file(pairs_csv, synth_dir, xrv_weights, tm
     result = ev.evaluate(cfg, progress=False)
     xrv_rows = result.table[result.table["metric"] == "fid_xrv"].set_index("set")
     assert list(xrv_rows.index) == ["copies", "real train (floor)"]
-    assert (xrv_rows["feature_network"] == ev.XRVFeatures.name).all()
+    assert (xrv_rows["feature_network"] == features.XRVFeatures.name).all()
     # Random DenseNet weights give features in the hundreds: FID's float rounding scales with them.
     assert abs(xrv_rows.loc["copies", "value"]) < 1e-4 * xrv_rows.loc["real train (floor)", "value"]
     assert not any("XRV" in note for note in result.notes)
@@ -153,13 +154,13 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path / "xrv-cache"))
     result = ev.evaluate(stage_config(EvalConfig, **base), progress=False)
     assert "fid_xrv" not in set(result.table["metric"])
-    assert any(note.startswith("XRV DenseNet FID skipped") and ev.XRV_WEIGHTS_FILE in note for note in result.notes)
+    assert any(note.startswith("XRV DenseNet FID skipped") and features.XRV_WEIGHTS_FILE in note for note in result.notes)
     # Given but wrong: an error, not a silent skip.
     other = tmp_path / "other.safetensors"
     save_file({"features.conv0.weight": torch.zeros(1)}, str(other))
     for weights, message in [(other, "is not a state dict of torchxrayvision's DenseNet-121"),
                              (tmp_path / "no-such-folder", "does not exist"),
-                             (tmp_path, f"{ev.XRV_WEIGHTS_FILE} are not in")]:
+                             (tmp_path, f"{features.XRV_WEIGHTS_FILE} are not in")]:
         with pytest.raises(CxrError, match=message):
             ev.evaluate(stage_config(EvalConfig, **base, xrv_weights=str(weights)), progress=False)
 
@@ -184,8 +185,8 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     released = xrv.models.DenseNet(weights=None, op_threshs=None)
     folder = tmp_path / "xrv"
     folder.mkdir()
-    torch.save(released, folder / ev.XRV_WEIGHTS_FILE)
-    net = ev.XRVFeatures(str(folder)).net
+    torch.save(released, folder / features.XRV_WEIGHTS_FILE)
+    net = features.XRVFeatures(str(folder)).net
     for name, value in released.state_dict().items():
         assert torch.equal(net.state_dict()[name], value), name
 
@@ -193,7 +194,7 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil"
     evil.mkdir()
-    torch.save({"features.conv0.weight": _Payload(marker)}, evil / ev.XRV_WEIGHTS_FILE)
+    torch.save({"features.conv0.weight": _Payload(marker)}, evil / features.XRV_WEIGHTS_FILE)
     torch.save(_Payload(marker), tmp_path / "evil.pt")
     images, prompts = split_images(pairs_csv, synth_dir, "test")
     gen = write_set(tmp_path / "gen", images[:4], prompts[:4])
@@ -207,7 +208,7 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     # A file that is not a torch file at all: one sentence too.
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CxrError, match="junk.pt (is not plain tensors|could not be read as tensors)"):
-        ev.XRVFeatures(str(tmp_path / "junk.pt"))
+        features.XRVFeatures(str(tmp_path / "junk.pt"))
 
 
 def test_features_are_made_in_full_float32_not_tf32():
@@ -229,7 +230,7 @@ def test_features_are_made_in_full_float32_not_tf32():
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
-        pool, _ = ev.embed(Recorder(), torch.zeros(3, 3, 8, 8, dtype=torch.uint8), batch_size=2, progress=False)
+        pool, _ = image_sets.embed(Recorder(), torch.zeros(3, 3, 8, 8, dtype=torch.uint8), batch_size=2, progress=False)
         assert seen == [(False, False), (False, False)] and pool.shape == (3, 2)
         assert torch.backends.cudnn.allow_tf32 is True
     finally:

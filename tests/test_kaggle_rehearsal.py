@@ -120,7 +120,8 @@ class KaggleRehearsal:
 def rehearsal(tmp_path_factory, tiny_model_dir):
     from cxr_helpers import kaggle
     from cxr_helpers.config import SD15_MODEL_ID, SynthConfig
-    from cxr_helpers.evaluate import INCEPTION_WEIGHTS_FILE, random_inception_weights
+    from cxr_helpers.features import INCEPTION_WEIGHTS_FILE
+    from stand_ins import random_inception_weights
     from cxr_helpers.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("kaggle")

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from cxr_helpers.adherence import GeometryOracle
-from cxr_helpers.evaluate import AUDIT_BASELINE_SET, REAL_TEST_SET
+from cxr_helpers.image_sets import REAL_TEST_SET
+from cxr_helpers.memorisation import AUDIT_BASELINE_SET
 from cxr_helpers.notebook import list_notebooks, run_notebooks
 
 NOTEBOOKS = list_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
