@@ -19,8 +19,7 @@ from .errors import CxrError
 from .environment import library_versions
 from .image_cache import FITS, VAE_FACTOR, VAE_WHY
 from .io import read_user_json, write_json
-from .presets import (AUTO, PRESET_ALIASES, PRESET_CHOICES, PRESETS, RETIRED_MODEL_IDS,  # noqa: F401 (re-exported)
-                      SD15_MODEL_ID, Preset, auto_preset, get_preset, preset_name, preset_values)
+from .presets import SD15_MODEL_ID, preset_values
 from .settings import Checked, field_type, setting
 
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included

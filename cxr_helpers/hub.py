@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RETIRED_MODEL_IDS
+from .presets import RETIRED_MODEL_IDS
 from .errors import CxrError
 
 

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Preset, SynthConfig, TinyModelConfig, get_preset, preset_name, stage_config
+from .config import SynthConfig, TinyModelConfig, stage_config
+from .presets import Preset, get_preset, preset_name
 from .errors import CxrError
 from .environment import cache_root, kaggle_input, kaggle_working, on_kaggle
 from .io import read_json, write_json

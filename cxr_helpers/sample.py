@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID, SampleConfig
+from .config import CLIP_MAX_TOKENS, SampleConfig
+from .presets import SD15_MODEL_ID
 from .errors import CxrError, library_reason
 from .environment import library_versions
 from .io import atomic_path, read_json, read_user_json, write_csv, write_json

@@ -10,7 +10,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .config import CLIP_MAX_TOKENS, SD15_MODEL_ID
+from .config import CLIP_MAX_TOKENS
+from .presets import SD15_MODEL_ID
 from .errors import CxrError
 from .hub import from_hub, is_local
 from .io import write_json, write_text

@@ -119,7 +119,8 @@ class KaggleRehearsal:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, tiny_model_dir):
     from cxr_helpers import kaggle
-    from cxr_helpers.config import SD15_MODEL_ID, SynthConfig
+    from cxr_helpers.config import SynthConfig
+    from cxr_helpers.presets import SD15_MODEL_ID
     from cxr_helpers.features import INCEPTION_WEIGHTS_FILE
     from stand_ins import random_inception_weights
     from cxr_helpers.synthetic import make_synthetic_dataset
