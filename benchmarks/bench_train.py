@@ -33,7 +33,8 @@ import torch
 from cxr_helpers.config import TrainConfig
 from cxr_helpers.models import sd15_shaped_parts
 from cxr_helpers.synthetic import draw_patient, draw_report, render, write_impression
-from cxr_helpers.train import Encodings, diffusion_loss, encode_images, encode_prompts, sample_latents
+from cxr_helpers.encodings import Encodings, encode_images, encode_prompts
+from cxr_helpers.training_step import diffusion_loss, sample_latents
 
 # Dense fp16 tensor peak (TFLOP/s) by card, for the fraction-of-peak line on a GPU.
 PEAK_FP16_TFLOPS = {"P100": 18.7, "T4": 65.0, "V100": 125.0, "A100": 312.0, "L4": 121.0, "H100": 989.0, "H200": 989.0}

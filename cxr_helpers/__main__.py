@@ -124,7 +124,7 @@ def _sample(args) -> None:
 
 
 def _synthesize(args) -> None:
-    from .sample import synthesize
+    from .synthesize import synthesize
 
     out = synthesize(args.spec, args.out, model=args.model, lora=args.lora, batch_size=args.batch_size,
                      overwrite=args.overwrite)
