@@ -114,7 +114,6 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: Tr
     return final
 
 
-
 # ---------------------------------------------------------------- finding --------------------
 
 def attached_checkpoints() -> list[Path]:
@@ -227,7 +226,6 @@ def check_fresh_start(out: Path, identity: dict, overwrite: bool) -> None:
         moved = move_aside(out, keep=TRAIN_KEEP)
         print(f"--overwrite: moved the earlier run in {out} to {moved}", flush=True)
     claim(out, "train", identity, overwrite, ignore=TRAIN_KEEP, keep=TRAIN_KEEP)
-
 
 
 # ---------------------------------------------------------------- restoring ------------------

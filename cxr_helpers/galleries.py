@@ -95,7 +95,6 @@ def base_vs_lora_grid(model: str, lora_dir: str | Path, prompts, seeds, resoluti
                             title="base model (LoRA scale 0) vs fine-tuned, same seeds")
 
 
-
 def default_validation_prompts(pairs: str | Path | pd.DataFrame, n: int = 4) -> list[str]:
     """The most common test-split prompts (else train-split ones) of pairs.csv or its frame."""
     from .data import load_pairs

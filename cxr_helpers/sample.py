@@ -214,7 +214,6 @@ class SampleResult:
     skipped: int
 
 
-
 def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     """Generate cfg.n_per_prompt images per prompt into cfg.out (resumable)."""
     validate(cfg)

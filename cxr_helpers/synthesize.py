@@ -169,4 +169,3 @@ def _write_dataset(out: Path, result: SampleResult, jobs: list[tuple[str, str]],
     write_csv(out / "indiana_reports.csv", pd.DataFrame(reports, columns=REPORT_COLUMNS))
     write_csv(out / "indiana_projections.csv", pd.DataFrame(projections, columns=PROJECTION_COLUMNS))
     return len(projections)
-

@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # Train, then save the LoRA and the figures.
     run = _Run(cfg, out, accelerator, weight_dtype, (tokenizer, text_encoder, vae), unet, noise_scheduler,
                prediction_type, enc, len(pairs), lora_params, optimizer, lr_scheduler, max_steps, run_state,
-               list(cfg.validation_prompts) or default_validation_prompts(pairs_all))
+               list(cfg.validation_prompts) or default_validation_prompts(pairs_all), per_step)
     _start_log(run, start_step, loss_rows)
     step = _train_loop(run, start_step, loss_rows, progress)
     return _finish(run, step, loss_rows)
@@ -194,11 +194,7 @@ class _Run:
     max_steps: int
     run_state: dict  # the checks a resumed run must pass, saved in every checkpoint
     validation_prompts: list[str]
-
-    @property
-    def per_step(self) -> int:
-        """Images per optimizer step, over every process."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+    per_step: int  # images per optimizer step, over every process
 
 
 def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
