@@ -82,6 +82,7 @@ def claim_output(cfg: TrainConfig, out: Path, accelerator, resume_from: Path | N
 
 
 def warn_mirrored_sides(cfg: TrainConfig, pairs: pd.DataFrame, accelerator) -> None:
+    """Flipping mirrors left and right: say so when the prompts name a side."""
     if cfg.random_flip and accelerator.is_main_process:
         sided = int(pairs["prompt"].str.contains(r"\b(?:left|right)\b", case=False).sum())
         if sided:
@@ -95,24 +96,25 @@ def add_lora(unet, cfg: TrainConfig, weight_dtype) -> list[torch.nn.Parameter]:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    matched_nothing = (f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
+                       "use the attention projections to_k, to_q, to_v, to_out.0")
     try:
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
                                     target_modules=list(cfg.target_modules), lora_dropout=cfg.lora_dropout))
     except ValueError:  # peft: "Target modules {...} not found in the base model"
-        raise CxrError(f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
-                       "use the attention projections to_k, to_q, to_v, to_out.0") from None
+        raise CxrError(matched_nothing) from None
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)  # fp32 LoRA under fp16 autocast
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     if not lora_params:
-        raise CxrError(f"--target-modules {', '.join(cfg.target_modules)} matched nothing in the UNet; "
-                       "use the attention projections to_k, to_q, to_v, to_out.0")
+        raise CxrError(matched_nothing)
     return lora_params
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer, max_steps: int, processes: int):
+    """diffusers' LR schedule by name; an unknown name is refused in one sentence."""
     from diffusers.optimization import get_scheduler
 
     try:
