@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from cxr_helpers.config import TrainConfig
+from cxr_helpers.encodings import Encodings, encode_images, encode_prompts
 from cxr_helpers.synthetic import draw_report, write_impression
 from cxr_helpers.synthetic_films import draw_patient, render
-from cxr_helpers.train import Encodings, diffusion_loss, encode_images, encode_prompts, sample_latents
+from cxr_helpers.training_step import diffusion_loss, sample_latents
 from sd15_shapes import sd15_shaped_parts
 
 # Dense fp16 tensor peak (TFLOP/s) by card, for the fraction-of-peak line on a GPU.

@@ -18,6 +18,7 @@ from .config import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, Synth
                      TrainConfig, config_to_dict, load_config, stage_config)
 from .errors import CxrError
 from .flags import add_config_flags, given_values
+from .layout import EXCLUDED_CSV, PAIRS_CSV, SUMMARY_JSON
 from .presets import PRESET_CHOICES
 
 
@@ -34,7 +35,7 @@ def _prepare(args) -> None:
     print(f"{s['pairs']} pairs ({s['pairs_by_split']['train']} train / {s['pairs_by_split']['test']} test, "
           f"{s['patients_on_both_sides']} patients on both sides), {s['excluded']} excluded: "
           + ", ".join(f"{k} {v}" for k, v in s["excluded_by_reason"].items() if v))
-    print(f"wrote {result.out / 'pairs.csv'}, excluded.csv, summary.json")
+    print(f"wrote {result.out / PAIRS_CSV}, {EXCLUDED_CSV}, {SUMMARY_JSON}")
 
 
 def _synth(args) -> None:
@@ -75,7 +76,7 @@ def _sample(args) -> None:
 
 
 def _synthesize(args) -> None:
-    from .sample import synthesize
+    from .synthesize import synthesize
 
     cfg = _config(SynthesizeConfig, args)
     out = synthesize(cfg.spec, cfg.out, model=cfg.model, lora=cfg.lora, batch_size=cfg.batch_size,

@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cxr_helpers import sample as sample_mod
+from cxr_helpers import synthesize as synthesize_mod
 from cxr_helpers.config import PrepareConfig, SampleConfig, stage_config
 from cxr_helpers.data import prepare
 from cxr_helpers.errors import CxrError
@@ -92,21 +93,21 @@ def test_a_sample_folder_has_one_owner(pipe, tiny_model_dir, lora_dir, tmp_path)
 def test_synthesize_never_writes_into_a_dataset_it_did_not_make(pipe, tiny_model_dir, lora_dir, synth_dir, tmp_path):
     import shutil
 
-    spec = sample_mod.write_spec(tmp_path / "spec.json", {"steps": 2, "resolution": 64,
+    spec = synthesize_mod.write_spec(tmp_path / "spec.json", {"steps": 2, "resolution": 64,
                                                           "items": [{"prompt": "Cardiomegaly.", "count": 1}]})
     real = tmp_path / "real"
     shutil.copytree(synth_dir, real)
     (real / "cxr_owner.json").unlink()  # as the Kaggle dataset: nobody's output
     reports = (real / "indiana_reports.csv").read_bytes()
     with pytest.raises(CxrError, match="no cxr-lora synthesize run made"):
-        sample_mod.synthesize(spec, real, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
+        synthesize_mod.synthesize(spec, real, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
     assert (real / "indiana_reports.csv").read_bytes() == reports
-    out = sample_mod.synthesize(spec, tmp_path / "syn", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
+    out = synthesize_mod.synthesize(spec, tmp_path / "syn", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
                                 progress=False)
-    other = sample_mod.write_spec(tmp_path / "other.json", {"steps": 2, "resolution": 64,
+    other = synthesize_mod.write_spec(tmp_path / "other.json", {"steps": 2, "resolution": 64,
                                                             "items": [{"prompt": "Large right pneumothorax.", "count": 1}]})
     with pytest.raises(CxrError, match="holds synthesize output made with other spec"):
-        sample_mod.synthesize(other, out, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
+        synthesize_mod.synthesize(other, out, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
     assert pd.read_csv(out / "indiana_reports.csv")["impression"].tolist() == ["Cardiomegaly."]
 
 
@@ -180,9 +181,9 @@ def test_a_lora_that_fails_to_load_says_why_not_that_it_does_not_fit(tiny_model_
 
 
 def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, tokenizer, tmp_path):
-    spec = sample_mod.example_spec(2, steps=2, resolution=64)
-    spec_path = sample_mod.write_spec(tmp_path / "spec.json", spec)
-    out = sample_mod.synthesize(spec_path, tmp_path / "export", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
+    spec = synthesize_mod.example_spec(2, steps=2, resolution=64)
+    spec_path = synthesize_mod.write_spec(tmp_path / "spec.json", spec)
+    out = synthesize_mod.synthesize(spec_path, tmp_path / "export", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
                                 progress=False)
     result = prepare(PrepareConfig(data_dir=str(out), out=str(tmp_path / "prepared")), tokenizer=tokenizer, progress=False)
     total = sum(item["count"] for item in spec["items"])
@@ -192,7 +193,7 @@ def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, token
     assert set(reports["MeSH"]) == {"Pleural Effusion", "Cardiomegaly", "Opacity"}
     assert json.loads((out / "synthetic_manifest.json").read_text())["synthetic"] is True
     with pytest.raises(CxrError, match="needs a positive integer"):
-        sample_mod.write_spec(tmp_path / "bad.json", {"items": [{"prompt": "x", "count": 0}]})
+        synthesize_mod.write_spec(tmp_path / "bad.json", {"items": [{"prompt": "x", "count": 0}]})
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -207,9 +208,9 @@ def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, token
 ])
 def test_a_spec_is_checked_against_its_schema_before_anything_is_written(tmp_path, spec, message):
     with pytest.raises(CxrError, match=message):
-        sample_mod.write_spec(tmp_path / "spec.json", spec)
+        synthesize_mod.write_spec(tmp_path / "spec.json", spec)
     assert not (tmp_path / "spec.json").exists()
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(CxrError, match=message):
-        sample_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
+        synthesize_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxr_helpers import encodings, training_setup, training_step
 from cxr_helpers import train as train_mod
+from cxr_helpers.checkpoints import checkpoint_dirs
 from cxr_helpers.config import TrainConfig, stage_config
 from cxr_helpers.errors import CxrError
 from cxr_helpers.train import train
@@ -27,8 +29,8 @@ def config(pairs_csv, synth_dir, tiny_model_dir, out, **kw):
 def fixed_batch_loss(unet, noise_scheduler, latents, embeddings):
     cfg = TrainConfig()
     with torch.no_grad():
-        return float(sum(train_mod.diffusion_loss(unet, noise_scheduler, latents, embeddings,
-                                                  torch.Generator().manual_seed(k), cfg, "epsilon") for k in range(8)) / 8)
+        return float(sum(training_step.diffusion_loss(unet, noise_scheduler, latents, embeddings,
+                                                      torch.Generator().manual_seed(k), cfg, "epsilon") for k in range(8)) / 8)
 
 
 def test_a_few_steps_change_the_lora_and_lower_the_loss(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
@@ -94,8 +96,8 @@ def test_the_encodings_cache_is_reused(pairs_csv, synth_dir, tiny_model_dir, tmp
     assert not first.encodings_hit and first.encoded_images > 0
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded again")
-    monkeypatch.setattr(train_mod, "encode_images", no_encoding)
-    monkeypatch.setattr(train_mod, "encode_prompts", no_encoding)
+    monkeypatch.setattr(encodings, "encode_images", no_encoding)
+    monkeypatch.setattr(encodings, "encode_prompts", no_encoding)
     second = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "b", max_steps=1, cache_dir=str(tmp_path / "cache"),
                           random_flip=True, validation_every=0, validation_prompts=()), progress=False)
     assert second.encodings_hit and second.encoded_images == 0
@@ -156,7 +158,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(pairs_csv, synth_di
     monkeypatch.setattr(train_mod, "diffusion_loss", flaky)
     with pytest.raises(CxrError, match=r"the loss became nan at step 5; .*step-0000004.*lower --learning-rate"):
         train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "n", max_steps=8, checkpoint_every=2), progress=False)
-    kept = train_mod.checkpoint_dirs(tmp_path / "n")
+    kept = checkpoint_dirs(tmp_path / "n")
     assert kept[-1].name == "step-0000004"
     assert all(torch.isfinite(v).all() for v in load_file(str(kept[-1] / "lora.safetensors")).values())
 
@@ -207,18 +209,18 @@ def test_gpu_without_kernels_for_the_card_is_explained(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "sm_90"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla P100-PCIE-16GB")
     with pytest.raises(CxrError, match="no kernels for the Tesla P100.*sm_60.*T4 x2"):
-        train_mod.check_device("fp16")
+        training_setup.check_device("fp16")
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70"])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train_mod.check_device("fp16") == "cuda"
+    assert training_setup.check_device("fp16") == "cuda"
     with pytest.raises(CxrError, match="has no bf16"):
-        train_mod.check_device("bf16")
+        training_setup.check_device("bf16")
 
 
 def test_batches_cover_each_epoch_once():
-    seen = train_mod.batch_indices(10, 0, 0, 10)
+    seen = training_step.batch_indices(10, 0, 0, 10)
     assert sorted(seen) == list(range(10))
-    assert train_mod.batch_indices(10, 0, 7, 6) == seen[7:] + train_mod.batch_indices(10, 0, 10, 3)
+    assert training_step.batch_indices(10, 0, 7, 6) == seen[7:] + training_step.batch_indices(10, 0, 10, 3)
 
 
 def test_two_processes_train_with_no_code_change(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
