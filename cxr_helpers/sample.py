@@ -184,7 +184,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 
 def validate(cfg: SampleConfig) -> None:
-    """What the config's own check (config.check_settings) cannot see: settings together."""
+    """What the config's own check (settings.check_settings) cannot see: settings together."""
     if cfg.upscale and cfg.upscale < cfg.resolution:
         raise CxrError(f"--upscale {cfg.upscale} is smaller than --resolution {cfg.resolution}; use 0 or a larger size")
 

@@ -30,8 +30,8 @@ from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_s
 from .config import TrainConfig, config_to_dict, save_config
 from .encodings import Encodings, load_or_build_encodings
 from .errors import CxrError
-from .galleries import default_validation_prompts, validation_grid
 from .environment import cache_root
+from .galleries import default_validation_prompts, validation_grid
 from .io import read_json, write_csv
 from .layout import SUMMARY_JSON
 from .lora_export import save_lora
@@ -42,11 +42,8 @@ from .training_setup import (add_lora, claim_output, frozen_parts, make_accelera
 from .training_step import batch_indices, diffusion_loss, sample_latents, step_generator
 
 
-# ---------------------------------------------------------------- checks ---------------------
-
 def validate(cfg: TrainConfig) -> None:
-    """Refuse bad settings before anything is loaded (ranges and types were checked when the
-    config was built: config.check_settings)."""
+    """Refuse bad settings before anything is loaded (settings.check_settings checked ranges and types)."""
     if not cfg.target_modules:
         raise CxrError("--target-modules is empty; name the UNet modules to adapt, e.g. to_k to_q to_v to_out.0")
 
