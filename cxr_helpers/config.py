@@ -17,11 +17,15 @@ from typing import Any, ClassVar, TypeVar
 
 from .errors import CxrError
 from .environment import library_versions
-from .image_cache import FITS, VAE_FACTOR, VAE_WHY
 from .io import read_user_json, write_json
 from .presets import SD15_MODEL_ID, preset_values
 from .settings import Checked, field_type, setting
 
+# The image-size rule and the fit modes, declared here (config imports no numpy: the install
+# cell's `check-gpu` runs before torch is fixed) and used by image_cache's checks.
+VAE_FACTOR = 8  # SD1.5's VAE downsamples by 8: an image size must be a multiple of it
+VAE_WHY = "the VAE downsamples by 8"
+FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and crop keep the aspect
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
 CACHE_HELP = "where cached files go; \"\" = OUT/cache (on Kaggle: /tmp, outside the output)"

@@ -14,12 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .config import FITS, VAE_FACTOR, VAE_WHY
 from .errors import CxrError
 from .io import atomic_path
 
-VAE_FACTOR = 8  # SD1.5's VAE downsamples by 8: an image size must be a multiple of it
-VAE_WHY = "the VAE downsamples by 8"
-FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and crop keep the aspect
 RESAMPLING = "lanczos"  # part of the cache key: another filter would be another picture
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
