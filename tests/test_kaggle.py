@@ -144,7 +144,7 @@ def test_push_refuses_the_placeholder_owner(tmp_path):
 
 def test_on_kaggle_defaults_resolve_to_inputs_and_working(monkeypatch, tmp_path):
     from cxr_helpers import data, notebook
-    from cxr_helpers import environment as io
+    from cxr_helpers import environment
 
     kaggle_input = tmp_path / "input"
     iu = kaggle_input / "datasets" / "raddar" / "chest-xrays-indiana-university"
@@ -164,7 +164,7 @@ def test_on_kaggle_defaults_resolve_to_inputs_and_working(monkeypatch, tmp_path)
     assert notebook.output_dir() == tmp_path / "working" / "cxr-lora"
     inputs = notebook.Inputs(preset=None, data_dir=iu, model="m", out=tmp_path / "working", cache=tmp_path / "c")
     assert notebook.trained_lora(inputs) == lora  # notebook 02's output, attached as a kernel source
-    assert io.cache_root(inputs.out) != inputs.out / "cache"  # on Kaggle the cache stays out of the output
+    assert environment.cache_root(inputs.out) != inputs.out / "cache"  # on Kaggle the cache stays out of the output
 
 
 class FakeKaggle:
