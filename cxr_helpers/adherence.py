@@ -10,8 +10,8 @@ can see.
 Scorers are looked up by name in SCORERS:
 - "xrv": torchxrayvision's DenseNet-121 (`densenet121-res224-all`), the network of the domain FID;
 - "geometry": an oracle for the procedural films of `cxr_helpers.synthetic` only, which measures
-  the heart's size from the renderer's known geometry (no weights, no download): for offline
-  tests and the smoke demo.
+  the heart's size and pleural effusion from the renderer's known geometry (geometry_oracle.py;
+  no weights, no download): for offline tests and the smoke demo.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .synthetic import heart_width_fraction
+from .geometry_oracle import GeometryOracle
 
 if TYPE_CHECKING:  # annotations only: image_sets imports the package's heavy parts
     from .config import EvalConfig
@@ -104,54 +104,6 @@ def auroc_with_interval(scores, labels, level: float = 0.95) -> tuple[float, flo
 
 
 # ---------------------------------------------------------------- scorers --------------------
-
-def is_lateral(pixels: np.ndarray) -> bool:
-    """Synthetic films: a lateral view has the spine bright at ~78% of the width and lung at the
-    middle; a PA view has the mediastinum bright at the middle and lung at 78%."""
-    img = np.asarray(pixels, dtype=np.float32)
-    h, w = img.shape
-    band = img[int(h * 0.3): int(h * 0.5)].mean(axis=0)
-    return float(band[int(w * 0.72): int(w * 0.84)].mean() - band[int(w * 0.45): int(w * 0.55)].mean()) > 0
-
-
-def lateral_heart_edge(pixels: np.ndarray) -> float:
-    """Synthetic lateral films: the heart's posterior edge (fraction of the width), walking back
-    from just behind the sternum along the heart's level while the row stays heart-dense."""
-    img = np.asarray(pixels, dtype=np.float32)
-    h, w = img.shape
-    row = img[int(h * 0.56): int(h * 0.64)].mean(axis=0)
-    lung = np.percentile(row[int(w * 0.3): int(w * 0.75)], 10)
-    x = int(w * 0.36)
-    threshold = (lung + row[x]) / 2
-    while x < w - 1 and row[x + 1] > threshold:
-        x += 1
-    return x / w
-
-
-class GeometryOracle:
-    """Cardiomegaly measured on `cxr_helpers.synthetic` films: the heart's width over the chest's
-    on PA views, the heart's posterior edge on laterals, each as a z-score around the midpoint
-    between the renderer's normal and enlarged hearts (measured on 400 synthetic films at 128 px),
-    so the two views rank on one scale. Meaningful for the synthetic films only: it is the
-    offline stand-in for a classifier, with known right answers."""
-
-    name = "geometry oracle (synthetic films only: heart size from the renderer's geometry)"
-    findings = ("Cardiomegaly",)
-    # (midpoint, spread): PA heart/chest width normal 0.42, enlarged 0.51; lateral edge 0.52 / 0.62.
-    PA = (0.46, 0.05)
-    LATERAL = (0.57, 0.025)
-
-    def score(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
-        values = []
-        for film in images[:, 0].numpy():
-            if is_lateral(film):
-                centre, spread = self.LATERAL
-                values.append((lateral_heart_edge(film) - centre) / spread)
-            else:
-                centre, spread = self.PA
-                values.append((heart_width_fraction(film) - centre) / spread)
-        return pd.DataFrame({"Cardiomegaly": values})
-
 
 class XRVClassifier:
     """torchxrayvision's DenseNet-121 (`densenet121-res224-all`): a score per pathology it was

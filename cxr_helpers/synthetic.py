@@ -269,22 +269,3 @@ def dataset_is_built(out: str | Path, cfg: SynthConfig) -> bool:
         return False
     mine = {k: v for k, v in vars(cfg).items() if k not in ("out", "overwrite")}
     return {k: saved.get(k) for k in mine} == mine
-
-
-def heart_width_fraction(pixels: np.ndarray) -> float:
-    """Rough cardiothoracic ratio of a frontal film: the width of the heart's shadow in the lower
-    chest over the width of the body. Used to check that prompts control the pictures."""
-    img = np.asarray(pixels, dtype=np.float32)
-    h, w = img.shape
-    row = img[int(h * 0.53): int(h * 0.6)].mean(axis=0)
-    lung_level = np.percentile(row, 15)
-    heart_level = row[int(w * 0.58)]  # just left of the spine: heart in every film
-    threshold = (lung_level + heart_level) / 2
-    # Walk out from the midline while the row stays heart-dense.
-    left = right = w // 2
-    while left > 0 and row[left - 1] > threshold:
-        left -= 1
-    while right < w - 1 and row[right + 1] > threshold:
-        right += 1
-    body = row > row.min() + 0.3 * (row.max() - row.min())
-    return float((right - left) / max(1, int(body.sum())))

@@ -11,6 +11,7 @@ from cxr_helpers.config import EvalConfig, PrepareConfig, SynthConfig, stage_con
 from cxr_helpers.data import load_pairs, prepare
 from cxr_helpers.dataset import ChestXrayDataset
 from cxr_helpers.errors import CxrError
+from cxr_helpers.geometry_oracle import GeometryOracle
 from cxr_helpers.synthetic import make_synthetic_dataset
 from conftest import write_set
 
@@ -73,6 +74,8 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
     real = table.loc[(image_sets.REAL_TEST_SET, "Cardiomegaly")]
     assert real["positives"] >= 10 and real["negatives"] >= 10 and real["images"] == len(images)
     assert real["auroc"] > 0.85 and real["ci_low"] > 0.7
+    effusion = table.loc[(image_sets.REAL_TEST_SET, "Effusion")]
+    assert effusion["positives"] >= 5 and effusion["auroc"] > 0.85
     # Copies of the real films under their own prompts: the same as the real films.
     assert table.loc[("copies", "Cardiomegaly"), "auroc"] == pytest.approx(real["auroc"])
     # Noise shows nothing: about chance, and its interval contains 0.5.
@@ -80,7 +83,7 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
     assert 0.3 < noise_row["auroc"] < 0.7 and noise_row["ci_low"] < 0.5 < noise_row["ci_high"]
     # The files: adherence.csv, rows in metrics.csv with counts and intervals, the bar chart.
     saved = pd.read_csv(tmp_path / "eval" / "adherence.csv")
-    assert set(saved["set"]) == {"copies", "noise", image_sets.REAL_TEST_SET} and (saved["scorer"] == adh.GeometryOracle.name).all()
+    assert set(saved["set"]) == {"copies", "noise", image_sets.REAL_TEST_SET} and (saved["scorer"] == GeometryOracle.name).all()
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv").set_index(["set", "metric"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "value"] == pytest.approx(noise_row["auroc"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "n_generated"] == len(images)

@@ -9,7 +9,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from cxr_helpers.adherence import GeometryOracle
+from cxr_helpers.geometry_oracle import GeometryOracle
 from cxr_helpers.image_sets import REAL_TEST_SET
 from cxr_helpers.memorisation import AUDIT_BASELINE_SET
 from cxr_helpers.notebook import list_notebooks, run_notebooks

@@ -5,7 +5,8 @@ import pandas as pd
 from PIL import Image
 
 from cxr_helpers.config import SynthConfig
-from cxr_helpers.synthetic import heart_width_fraction, make_synthetic_dataset
+from cxr_helpers.geometry_oracle import heart_width_fraction
+from cxr_helpers.synthetic import make_synthetic_dataset
 from cxr_helpers.synthetic_films import Finding, draw_patient, render
 
 
