@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from .config import TrainConfig, config_to_dict
-from .errors import CxrError
 from .environment import kaggle_input, on_kaggle
+from .errors import CxrError
 from .io import give_umask_modes, read_json, write_csv, write_json
 from .ownership import file_digest
 

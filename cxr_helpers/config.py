@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .errors import CxrError
 from .environment import library_versions
+from .errors import CxrError
 from .io import read_user_json, write_json
 from .presets import SD15_MODEL_ID, preset_values
 from .settings import Checked, field_type, setting

@@ -22,10 +22,10 @@ from torch import nn
 from . import adherence as adh
 from . import image_sets
 from .config import EvalConfig, config_to_dict
+from .environment import cache_root, library_versions
 from .errors import CxrError
 from .features import STANDIN_NAME, StandInFeatures, load_feature_net
 from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
-from .environment import cache_root, library_versions
 from .io import write_csv, write_json
 from .metric_table import DIVERSITY_COLUMNS, METRICS, Embedded, EvalRun, metric_rows
 

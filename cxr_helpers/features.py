@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .errors import CxrError, library_reason
 from .environment import can_reach
+from .errors import CxrError, library_reason
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)

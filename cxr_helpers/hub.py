@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .presets import RETIRED_MODEL_IDS
 from .errors import CxrError
+from .presets import RETIRED_MODEL_IDS
 
 
 def _offline_hint(model: str) -> str:

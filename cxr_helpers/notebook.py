@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import SynthConfig, TinyModelConfig, stage_config
-from .presets import Preset, get_preset, preset_name
-from .errors import CxrError
 from .environment import cache_root, kaggle_input, kaggle_working, on_kaggle
+from .errors import CxrError
 from .io import read_json, write_json
 from .layout import DATA_STAGE_DIR, DEMO_INPUTS_DIR, FIGURES_DIR, LORA_SUBDIR, PAIRS_CSV, RECORDS_DIR, TRAIN_STAGE_DIR
+from .presets import Preset, get_preset, preset_name
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 

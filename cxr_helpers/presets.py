@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CxrError
 from .environment import on_kaggle
+from .errors import CxrError
 
 # The maintained copy of SD1.5 (same files and licence), the id diffusers' own docs use.
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

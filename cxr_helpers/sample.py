@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import CLIP_MAX_TOKENS, SampleConfig
-from .errors import CxrError, library_reason
 from .environment import library_versions
+from .errors import CxrError, library_reason
 from .io import atomic_path, read_json, write_csv, write_json
 from .ownership import claim
 

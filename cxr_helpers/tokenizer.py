@@ -11,10 +11,10 @@ from importlib import resources
 from pathlib import Path
 
 from .config import CLIP_MAX_TOKENS
-from .presets import SD15_MODEL_ID
 from .errors import CxrError
 from .hub import from_hub, is_local
 from .io import write_json, write_text
+from .presets import SD15_MODEL_ID
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_VOCAB_SIZE = 49408

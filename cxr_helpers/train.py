@@ -29,8 +29,8 @@ from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_s
                           restore_grad_scaler, save_checkpoint)
 from .config import TrainConfig, config_to_dict, save_config
 from .encodings import Encodings, load_or_build_encodings
-from .errors import CxrError
 from .environment import cache_root
+from .errors import CxrError
 from .galleries import default_validation_prompts, validation_grid
 from .io import read_json, write_csv
 from .layout import SUMMARY_JSON

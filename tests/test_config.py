@@ -5,8 +5,8 @@ import pytest
 
 from cxr_helpers.config import (STAGE_CONFIGS, EvalConfig, PrepareConfig, SampleConfig, SynthConfig, TrainConfig,
                                 load_config, save_config, stage_config)
-from cxr_helpers.presets import PRESETS
 from cxr_helpers.errors import CxrError
+from cxr_helpers.presets import PRESETS
 
 
 def test_stage_config_layers_defaults_preset_and_overrides():

@@ -5,8 +5,8 @@ import pytest
 
 from cxr_helpers.__main__ import STAGES, build_parser, main
 from cxr_helpers.config import SampleConfig, SynthConfig
-from cxr_helpers.presets import PRESETS
 from cxr_helpers.flags import field_default, show_default
+from cxr_helpers.presets import PRESETS
 from cxr_helpers.settings import field_flag
 
 

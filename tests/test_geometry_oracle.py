@@ -2,8 +2,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr_helpers.image_cache import resize_xray
 from cxr_helpers.geometry_oracle import PA_ANGLES, GeometryOracle, costophrenic_fill, is_lateral
+from cxr_helpers.image_cache import resize_xray
 from cxr_helpers.synthetic_films import Finding, draw_patient, render
 
 
