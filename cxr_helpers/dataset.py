@@ -35,8 +35,14 @@ class ChestXrayDataset:
         self.cache = ResizedImageCache(cache_dir, resolution, fit)
         self.pairs = pairs.reset_index(drop=True)
         self.data_dir = Path(data_dir)
-        self.resolution = resolution
-        self.fit = fit
+
+    @property
+    def resolution(self) -> int:
+        return self.cache.resolution
+
+    @property
+    def fit(self) -> str:
+        return self.cache.fit
 
     def __len__(self) -> int:
         return len(self.pairs)
