@@ -26,7 +26,8 @@ from .config import EvalConfig
 from .features import load_xrv
 from .image_sets import ImageSet
 from .memorisation import AUDIT_BASELINE_SET, AuditBaseline, audit, audit_baseline
-from .metrics import diversity, fid_infinity, fid_interval, prdc, torchmetrics_fid, torchmetrics_is, torchmetrics_kid
+from .metrics import (diversity, fid_infinity, fid_interval, ms_ssim_scales, ms_ssim_window, prdc, torchmetrics_fid,
+                      torchmetrics_is, torchmetrics_kid)
 
 DIVERSITY_COLUMNS = ["set", "prompt", "images", "ms_ssim"]
 
@@ -117,14 +118,15 @@ def diversity_rows(run: EvalRun) -> list[dict]:
     rows, parts = [], []
     for one in run.generated:
         name = one.images.name
-        table = diversity(one.images)
+        table, size = diversity(one.images), one.images.images.shape[-1]
         table.insert(0, "set", name)
         parts.append(table)
         if len(table):
             rows.append({"set": name, "metric": "ms_ssim_within_prompt", "value": float(table["ms_ssim"].mean()),
                          "std": float(table["ms_ssim"].std()) if len(table) > 1 else None,
                          "n_generated": int(table["images"].sum()),
-                         "feature_network": "pixels (MS-SSIM, 7 px window, 5 scales)"})
+                         "feature_network": f"pixels (MS-SSIM, {ms_ssim_window(size)} px window, "
+                                            f"{ms_ssim_scales(size)} scales)"})
         else:
             run.notes.append(f"{name}: no prompt has 2+ images; sample with --n-per-prompt 2 or more for diversity")
     if parts:

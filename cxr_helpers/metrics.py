@@ -168,9 +168,28 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]
     }
 
 
+# MS-SSIM's five scale weights (Wang, Simoncelli & Bovik 2003), finest first.
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim_window(size: int) -> int:
+    """The window in px: 7 fits 128 px images at 5 scales; smaller images take 3."""
+    return 7 if size > 6 * 16 else 3
+
+
+def ms_ssim_scales(size: int) -> int:
+    """How many of MS-SSIM's five scales an image of `size` px has room for: torchmetrics pads
+    each scale by 5 px (its Gaussian, sigma 1.5), so the coarsest must stay wider than 5 px
+    (128 px: all 5; the demo's 64 px: 4)."""
+    scales = len(MS_SSIM_BETAS)
+    while scales > 1 and size / 2 ** (scales - 1) <= 5:
+        scales -= 1
+    return scales
+
+
 def diversity(image_set: ImageSet) -> pd.DataFrame:
-    """Mean pairwise MS-SSIM among the images of each prompt (lower = more diverse). The window
-    (7 px, 5 scales) fits 128 px images."""
+    """Mean pairwise MS-SSIM among the images of each prompt (lower = more diverse), with the
+    window and scales the image size has room for (fewer scales: their weights renormalised)."""
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
     rows = []
@@ -178,7 +197,9 @@ def diversity(image_set: ImageSet) -> pd.DataFrame:
     for i, prompt in enumerate(image_set.prompts):
         by_prompt.setdefault(prompt, []).append(i)
     size = image_set.images.shape[-1]
-    kernel = 7 if size > 6 * 16 else 3
+    scales, kernel = ms_ssim_scales(size), ms_ssim_window(size)
+    betas = MS_SSIM_BETAS if scales == len(MS_SSIM_BETAS) else tuple(
+        b / sum(MS_SSIM_BETAS[:scales]) for b in MS_SSIM_BETAS[:scales])
     for prompt, idx in by_prompt.items():
         if len(idx) < 2:
             continue
@@ -186,6 +207,6 @@ def diversity(image_set: ImageSet) -> pd.DataFrame:
         scores = []
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
-                scores.append(float(ms_ssim(imgs[a:a + 1], imgs[b:b + 1], data_range=1.0, kernel_size=kernel)))
+                scores.append(float(ms_ssim(imgs[a:a + 1], imgs[b:b + 1], data_range=1.0, kernel_size=kernel, betas=betas)))
         rows.append({"prompt": prompt, "images": len(idx), "ms_ssim": float(np.mean(scores))})
     return pd.DataFrame(rows, columns=["prompt", "images", "ms_ssim"])

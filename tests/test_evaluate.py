@@ -262,3 +262,20 @@ def test_a_sample_folders_metadata_may_not_name_files_outside_it(pairs_csv, synt
     meta.drop(columns=["file"]).to_csv(folder / "metadata.csv", index=False)
     with pytest.raises(CxrError, match="lacks the column"):
         image_sets.generated_set("g", folder, 128)
+
+
+def test_diversity_fits_the_demos_64_px_and_smaller():
+    # MS-SSIM's coarsest of 5 scales would be 4 px at 64 px, under torchmetrics' 5 px padding:
+    # fewer scales there, the same 5 at 128 px.
+    from cxr_helpers.image_sets import ImageSet
+    from cxr_helpers.metrics import diversity, ms_ssim_scales
+
+    assert [ms_ssim_scales(s) for s in (32, 64, 128, 512)] == [3, 4, 5, 5]
+    for size in (32, 64, 128):
+        film = torch.linspace(0, 255, size * size).reshape(1, 1, size, size).expand(1, 3, -1, -1)
+        squares = (torch.arange(size) // 4) % 2
+        other = (squares[:, None] ^ squares[None, :]).float().mul(255).expand(1, 3, -1, -1)  # a checkerboard
+        images = torch.cat([film, film, film, other]).to(torch.uint8)
+        table = diversity(ImageSet("x", images, ["same", "same", "differ", "differ"], list("abcd"))).set_index("prompt")
+        assert table.loc["same", "ms_ssim"] == pytest.approx(1.0, abs=1e-4)
+        assert table.loc["differ", "ms_ssim"] < 0.9
