@@ -48,8 +48,10 @@ def _synth(args) -> None:
 def _tiny_model(args) -> None:
     from .models import make_tiny_model
 
-    out = make_tiny_model(_config(TinyModelConfig, args))
-    print(f"wrote a tiny SD-shaped pipeline to {out} (StableDiffusionPipeline.from_pretrained loads it)")
+    cfg = _config(TinyModelConfig, args)
+    out = make_tiny_model(cfg)
+    made = "pretrained on synthetic films" if cfg.pretrain else "with random weights"
+    print(f"wrote a tiny SD-shaped pipeline {made} to {out} (StableDiffusionPipeline.from_pretrained loads it)")
 
 
 def _train(args) -> None:
@@ -149,7 +151,7 @@ class Stage(NamedTuple):
 STAGES = {
     "prepare": Stage(PrepareConfig, _prepare, "Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json"),
     "synth": Stage(SynthConfig, _synth, "a synthetic dataset in the exact Kaggle layout (offline demo data)"),
-    "tiny-model": Stage(TinyModelConfig, _tiny_model, "a tiny SD-shaped diffusers pipeline with random weights"),
+    "tiny-model": Stage(TinyModelConfig, _tiny_model, "a tiny SD-shaped diffusers pipeline: random weights, or pretrained on synthetic films (--pretrain)"),
     # --pairs and --out may come from --config-file instead; _train checks.
     "train": Stage(TrainConfig, _train, "LoRA fine-tuning on cached latents "
                    "(accelerate launch -m cxr_helpers train for multi-GPU)", required=()),

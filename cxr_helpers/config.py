@@ -48,11 +48,18 @@ class SynthConfig(Checked):
 
 @dataclass
 class TinyModelConfig(Checked):
-    """`tiny-model`: a tiny SD-shaped diffusers pipeline with random weights."""
+    """`tiny-model`: a tiny SD-shaped diffusers pipeline, random or pretrained on synthetic films."""
 
     STAGE: ClassVar[str] = "tiny_model"
     out: str = setting("tiny_model", help="output folder")
-    seed: int = setting(0, help="random seed of the weights")
+    seed: int = setting(0, help="random seed of the weights (and of the pretraining)")
+    pretrain: bool = setting(False, help="train the VAE and the UNet on synthetic films under generic captions "
+                             "(a base that draws films but knows no findings); off: random weights")
+    resolution: int = setting(64, multiple_of=VAE_FACTOR, why=VAE_WHY, help="film size in px for the pretraining")
+    films: int = setting(800, min=16, help="synthetic films the pretraining draws (its own, never the demo's)")
+    vae_steps: int = setting(400, min=1, help="VAE autoencoder steps (batch 32 windows of half the film size)")
+    unet_steps: int = setting(1200, min=1, help="UNet steps (batch 32, epsilon prediction, SD1.5's noise schedule)")
+    overwrite: bool = setting(False, help=OVERWRITE_HELP)
 
 
 @dataclass

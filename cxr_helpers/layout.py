@@ -30,6 +30,7 @@ PROJECTION_COLUMNS_NEEDED = ("uid", "filename", "projection")
 # ---------------------------------------------------------------- datasets this project makes --
 SYNTHETIC_LABELS_CSV = "synthetic_labels.csv"  # the synthetic dataset's ground truth
 SYNTH_CONFIG_JSON = "synth_config.json"  # marks a finished synthetic dataset
+TINY_MODEL_CONFIG_JSON = "cxr_tiny_model_config.json"  # marks a finished tiny model (written last)
 SYNTHETIC_MANIFEST = "synthetic_manifest.json"  # marks a dataset exported from generated images
 
 # ---------------------------------------------------------------- the data stage's outputs ----

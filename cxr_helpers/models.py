@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import CLIP_MAX_TOKENS, TinyModelConfig, save_config
 from .errors import CxrError
 from .hub import from_hub, is_local
+from .layout import TINY_MODEL_CONFIG_JSON
 from .tokenizer import CLIP_VOCAB_SIZE, load_tokenizer, write_clip_tokenizer
 
 # SD1.5's scheduler config (scheduler/scheduler_config.json of the hub repo).
@@ -126,31 +127,51 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def make_tiny_model(cfg: TinyModelConfig) -> Path:
-    """Write the tiny pipeline to `cfg.out` so that StableDiffusionPipeline.from_pretrained loads it."""
+def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
+    """Write the tiny pipeline to `cfg.out` so that StableDiffusionPipeline.from_pretrained loads it:
+    random weights, or with `cfg.pretrain` a base trained on synthetic films (pretrain.py)."""
     from diffusers.utils import logging as df_logging
+
+    from .ownership import claim
 
     df_logging.set_verbosity_error()
     out = Path(cfg.out)
+    claim(out, "tiny_model", _identity(cfg), cfg.overwrite)  # never into a folder it did not make
     pipe = build_tiny_pipeline(cfg.seed)
+    pretraining = {}
+    if cfg.pretrain:
+        from .pretrain import pretrain_pipeline
+
+        pretraining = pretrain_pipeline(pipe, cfg, progress)
     pipe.save_pretrained(out, safe_serialization=True)
     # Replace the tokenizer folder with the full SD1.5 layout (vocab.json + merges.txt too).
     write_clip_tokenizer(out / "tokenizer")
-    save_config(cfg, out / "cxr_tiny_model_config.json",
-                note="random weights: a stand-in for SD1.5 for offline runs, not a model")
+    note = ("pretrained here on synthetic films under generic captions (it draws films, it knows no findings): "
+            "the offline demo's stand-in for SD1.5, not a model" if cfg.pretrain
+            else "random weights: a stand-in for SD1.5 for offline runs, not a model")
+    save_config(cfg, out / TINY_MODEL_CONFIG_JSON, note=note, **({"pretraining": pretraining} if pretraining else {}))
     logging.getLogger(__name__).info("tiny model written to %s", out)
     return out
 
 
-def tiny_model_is_built(out: str | Path, seed: int) -> bool:
-    """True when `out` holds a complete tiny model made with `seed` (so it can be reused)."""
-    marker = Path(out) / "cxr_tiny_model_config.json"
-    if not (marker.is_file() and (Path(out) / "model_index.json").is_file()):
-        return False
-    try:
-        return json.loads(marker.read_text())["config"]["seed"] == seed
-    except (KeyError, ValueError):
-        return False
+def _identity(cfg: TinyModelConfig) -> dict:
+    """The settings that make the weights (not where they go). Random weights: the seed alone."""
+    from .config import config_to_dict
+
+    if not cfg.pretrain:
+        return {"seed": cfg.seed, "pretrain": False}
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}
+
+
+def tiny_model_is_built(out: str | Path, cfg: TinyModelConfig) -> bool:
+    """True when `out` holds a complete tiny model made with `cfg`'s settings (so it can be reused)."""
+    from .ownership import read_owner
+
+    out = Path(out)
+    if not ((out / TINY_MODEL_CONFIG_JSON).is_file() and (out / "model_index.json").is_file()):
+        return False  # the config is written last: without it the model is not complete
+    record = read_owner(out)
+    return record is not None and record["stage"] == "tiny_model" and record["identity"] == _identity(cfg)
 
 
 # ---------------------------------------------------------------- training parts -------------

@@ -68,8 +68,8 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
             data_dir = synth.out
         if not model:
             tiny = stage_config(TinyModelConfig, preset, out=str(demo / "tiny_model"))
-            if not tiny_model_is_built(tiny.out, tiny.seed):
-                make_tiny_model(tiny)
+            if not tiny_model_is_built(tiny.out, tiny):
+                make_tiny_model(tiny, progress=progress)
             model = tiny.out
     return Inputs(chosen, resolve_data_dir(data_dir), model or chosen.model, out, cache_root(out))
 

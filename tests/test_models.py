@@ -68,3 +68,59 @@ def test_make_tiny_model_saves_its_config(tmp_path):
     out = make_tiny_model(TinyModelConfig(out=str(tmp_path / "m"), seed=3))
     payload = json.loads((out / "cxr_tiny_model_config.json").read_text())
     assert payload["config"]["seed"] == 3 and (out / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------- the pretrained demo base ---
+
+def _small_pretraining(out, seed=0, **kw):
+    """The pretraining path with a handful of steps: what it writes, not how well it draws (the
+    demo's run in test_notebooks.py measures that)."""
+    values = dict(out=str(out), seed=seed, pretrain=True, resolution=32, films=16, vae_steps=3, unet_steps=3)
+    return TinyModelConfig(**{**values, **kw})
+
+
+def test_pretraining_is_deterministic_and_loads_as_sd15_loads(tmp_path):
+    from cxr_helpers.models import tiny_model_is_built
+    from safetensors.torch import load_file
+
+    a = make_tiny_model(_small_pretraining(tmp_path / "a"), progress=False)
+    b = make_tiny_model(_small_pretraining(tmp_path / "b"), progress=False)
+    c = make_tiny_model(_small_pretraining(tmp_path / "c", seed=1), progress=False)
+    random = make_tiny_model(TinyModelConfig(out=str(tmp_path / "random")), progress=False)
+    weights = {d: load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (a, b, c, random)}
+    assert all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # same seed: same weights
+    assert not all(torch.equal(weights[a][k], weights[c][k]) for k in weights[a])
+    assert not all(torch.equal(weights[a][k], weights[random][k]) for k in weights[a])  # it did train
+    payload = json.loads((a / "cxr_tiny_model_config.json").read_text())
+    assert payload["config"]["pretrain"] is True and payload["pretraining"]["unet_loss_last_100"] > 0
+    assert payload["pretraining"]["posterior_std_over_latent_std"] > 0
+    assert "knows no findings" in payload["note"]
+    pipe = load_pipeline(a)  # the same loader as SD1.5's, with the latent scale the VAE measured
+    assert pipe.vae.config.scaling_factor == pytest.approx(payload["pretraining"]["latent_scale"], rel=1e-4)
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+    assert tiny_model_is_built(a, _small_pretraining(tmp_path / "elsewhere"))  # where it lies is not what it is
+    assert not tiny_model_is_built(a, _small_pretraining(a, unet_steps=4))
+    assert not tiny_model_is_built(a, TinyModelConfig(out=str(a)))
+
+
+def test_pretraining_captions_never_name_a_finding():
+    from cxr_helpers.pretrain import caption_films
+    from cxr_helpers.synthetic import FINDING_KINDS
+
+    captions = caption_films(["Frontal", "Lateral"] * 200, seed=0)
+    assert set(captions) == {"", "a chest x-ray", "a frontal chest x-ray", "a lateral chest x-ray"}
+    assert not any(kind in caption for caption in captions for kind in FINDING_KINDS)
+
+
+def test_a_tiny_model_folder_with_other_settings_is_kept_unless_overwrite(tmp_path):
+    out = make_tiny_model(_small_pretraining(tmp_path / "m"), progress=False)
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(CxrError, match="holds tiny_model output made with other unet_steps.*--overwrite"):
+        make_tiny_model(_small_pretraining(out, unet_steps=4), progress=False)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(CxrError, match="no cxr-lora tiny_model run made"):
+        make_tiny_model(TinyModelConfig(out=str(tmp_path / "theirs")), progress=False)
+    make_tiny_model(_small_pretraining(out, unet_steps=4, overwrite=True), progress=False)
+    assert list(tmp_path.glob("m.replaced-*"))  # the old model was moved aside, not lost
