@@ -167,7 +167,7 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # Train, then save the LoRA and the figures.
     run = _Run(cfg, out, accelerator, weight_dtype, (tokenizer, text_encoder, vae), unet, noise_scheduler,
                prediction_type, enc, len(pairs), lora_params, optimizer, lr_scheduler, max_steps, run_state,
-               list(cfg.validation_prompts) or default_validation_prompts(pairs_all), per_step)
+               list(cfg.validation_prompts) or default_validation_prompts(pairs_all, data_dir=data_dir), per_step)
     _start_log(run, start_step, loss_rows)
     step = _train_loop(run, start_step, loss_rows, progress)
     return _finish(run, step, loss_rows)

@@ -143,6 +143,29 @@ def test_prompts_from_the_test_split(pipe, tiny_model_dir, lora_dir, pairs_csv, 
     assert result.metadata["prompt"].tolist() == test
 
 
+def test_galleries_show_a_report_per_finding_first(pairs_csv, synth_dir):
+    # A short gallery (validation grids, notebook 02's base-vs-LoRA grid, real films) leads with a
+    # report naming each finding the demo draws and a normal one, so that the fine-tune shows.
+    from cxr_helpers.adherence import report_labels
+    from cxr_helpers.data import read_tables
+    from cxr_helpers.galleries import GALLERY_FINDINGS, default_validation_prompts, findings_first
+
+    pairs = pd.read_csv(pairs_csv)
+    labels = report_labels(read_tables(synth_dir)[0])
+    ordered = findings_first(pairs, synth_dir)
+    assert sorted(ordered.index) == sorted(pairs.index)  # reordered, nothing lost or added
+    lead = labels.loc[ordered["uid"].head(len(GALLERY_FINDINGS) + 1)]
+    for i, finding in enumerate(GALLERY_FINDINGS):
+        assert lead.iloc[i][finding]
+    assert not lead.iloc[-1].any()  # then a normal report
+    assert findings_first(pairs, None).equals(pairs)  # no reports to read: the order is kept
+    prompts = default_validation_prompts(pairs, 3, data_dir=synth_dir)
+    test = pairs[pairs["split"] == "test"].drop_duplicates("prompt").set_index("prompt")
+    having = [f for f in GALLERY_FINDINGS if labels.loc[test["uid"], f].any()]
+    assert having and labels.loc[test.loc[prompts[0], "uid"], having[0]]  # the test split's first finding leads
+    assert len(set(prompts)) == 3 and default_validation_prompts(pairs, 3)[0] in set(test.index)
+
+
 def test_bad_input_is_one_sentence(tiny_model_dir, lora_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "not_lora").mkdir()
