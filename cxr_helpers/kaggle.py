@@ -275,7 +275,8 @@ def check_cli(runner=subprocess.run) -> None:
 
 
 def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wait: bool = True,
-         only: list[str] | None = None, timeout_s: float = 12 * 3600, poll_s: float = 60, sleep=time.sleep) -> list[list[str]]:
+         only: list[str] | None = None, timeout_s: float = 12 * 3600, poll_s: float = 60, sleep=time.sleep,
+         clock=time.monotonic) -> list[list[str]]:
     """Push the helpers dataset, then each kernel in order. With `wait`, a kernel whose inputs
     include another kernel's output (03 and 04 read 02's LoRA) is pushed only once that kernel
     has completed, and the kernels only once the dataset is ready."""
@@ -305,10 +306,11 @@ def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wa
         raise CxrError(f"`{' '.join(commands[0][:3])}` failed: {(done.stderr or done.stdout).strip()[-300:]}")
     if wait:
         wait_for(f"the helpers dataset {helpers_meta['id']}", ["kaggle", "datasets", "status", helpers_meta["id"]],
-                 {"ready"}, runner, timeout_s, poll_s, sleep)
+                 {"ready"}, runner, timeout_s, poll_s, sleep, clock)
     for folder, meta in kernel_folders(build_dir, info, only):
         for source in meta["kernel_sources"] if wait else []:
-            wait_for(f"notebook {source}", ["kaggle", "kernels", "status", source], FINISHED, runner, timeout_s, poll_s, sleep)
+            wait_for(f"notebook {source}", ["kaggle", "kernels", "status", source], FINISHED, runner, timeout_s, poll_s, sleep,
+                     clock)
         command = ["kaggle", "kernels", "push", "-p", str(folder)]
         done = runner(command, capture_output=True, text=True)
         if done.returncode:

@@ -209,9 +209,10 @@ def test_push_stops_when_02_fails_or_takes_too_long(built, credentials):
     with pytest.raises(CxrError, match="cxr-lora-02-lora-fine-tuning ended with status 'error'.*push the rest with --only"):
         kaggle.push(built, runner=failed, sleep=lambda s: None)
     assert not any("cxr-lora-03" in c[-1] for c in failed.calls if c[1:3] == ["kernels", "push"])
-    slow = FakeKaggle(kernel02=("running",))
-    with pytest.raises(CxrError, match="gave up waiting for notebook .*02.* after"):
-        kaggle.push(built, runner=slow, sleep=lambda s: None, timeout_s=120, poll_s=60)
+    slow, now = FakeKaggle(kernel02=("running",)), [0.0]
+    with pytest.raises(CxrError, match="gave up waiting for notebook .*02.* after 3 min"):  # a clock the sleeps move
+        kaggle.push(built, runner=slow, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0],
+                    timeout_s=180, poll_s=60)
     only = FakeKaggle()
     kaggle.push(built, runner=only, sleep=lambda s: None, only=["03", "04"])
     pushed = [c[-1].rsplit("/", 1)[-1] for c in only.calls if c[1:3] == ["kernels", "push"]]
