@@ -29,16 +29,21 @@ class Preset:
     model: str  # hub id or local dir; "" = the tiny model built offline
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+# The offline demo, sized for 2 CPU cores: 64 px films (the tiny model's latents are 8 x 8), a
+# base pretrained here on synthetic films (pretrain.py), and a LoRA trained long enough to follow
+# the impressions (benchmarks/RESULTS.md, "A demo that learns": adherence and FID by seed).
+_DEMO_PX = 64
 _CPU_SMOKE_TRAIN = dict(
-    batch_size=2, max_steps=6, learning_rate=1e-3, checkpoint_every=3, validation_every=3,
-    validation_steps=4, validation_seeds=(0, 1), rank=4,
+    resolution=_DEMO_PX, batch_size=32, max_steps=1200, learning_rate=5e-3, rank=16, snr_gamma=5.0,
+    checkpoint_every=600, validation_every=600, validation_seeds=(0, 1),
 )
 _SMOKE_STAGES = {
-    "synth": {"reports": 80, "image_size": 320}, "train": _CPU_SMOKE_TRAIN, "sample": {"steps": 4},
+    "synth": {"reports": 600, "image_size": 320}, "tiny_model": {"pretrain": True, "resolution": _DEMO_PX},
+    "train": _CPU_SMOKE_TRAIN, "sample": {"resolution": _DEMO_PX},
     # Offline demo: the stand-in network, no XRV DenseNet (its weights are a download), and the
     # synthetic films' geometry oracle for prompt adherence.
-    "evaluate": {"feature_net": "standin", "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"),
-                 "adherence_scorer": "geometry"},
+    "evaluate": {"resolution": _DEMO_PX, "feature_net": "standin",
+                 "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"), "adherence_scorer": "geometry"},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 # fp16 because neither Kaggle's T4 nor older 16 GB cards (P100, V100) have bf16.
@@ -54,8 +59,8 @@ _GPU16_STAGES = {"train": _GPU16_TRAIN, "sample": {"batch_size": 32}}
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
-        description="offline demo: synthetic data in the Kaggle layout and a tiny SD-shaped "
-        "model, seconds on a CPU",
+        description="offline demo: synthetic data in the Kaggle layout, a tiny SD-shaped model pretrained "
+        "here on synthetic films, 64 px; minutes on a CPU",
         offline=True,
         model="",
         stages=_SMOKE_STAGES,

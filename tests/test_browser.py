@@ -58,9 +58,11 @@ def browser_tools():
 
 
 @pytest.fixture(scope="module")
-def lab_root(tmp_path_factory):
+def lab_root(tmp_path_factory, tiny_model_dir, synth_dir):
     """A folder holding notebook 03 and, in its default OUTPUT_DIR (./outputs), what notebooks 01
-    and 02 would leave there: the smoke inputs, pairs.csv and a LoRA, made by the stage functions."""
+    and 02 would leave there: pairs.csv and a LoRA, made by the stage functions. The model and data
+    are the tests' small random-weight ones (MODEL, DATA_DIR): the panel is under test here, and
+    test_notebooks.py runs the demo's pretrained base."""
     from cxr_helpers.config import TrainConfig, stage_config
     from cxr_helpers.notebook import prepared_pairs, resolve_inputs
     from cxr_helpers.train import train
@@ -70,10 +72,10 @@ def lab_root(tmp_path_factory):
     # is what this test is about, and two CPU cores run the rest slowly.
     nb = nbformat.read(ROOT / "notebooks" / NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    for name, value in SMALLER.items():
+    for name, value in {**SMALLER, "MODEL": str(tiny_model_dir), "DATA_DIR": str(synth_dir)}.items():
         params.source = re.sub(rf"^{name} = [^#]*#", f"{name} = {value!r}  #", params.source, flags=re.M)
     nbformat.write(nb, root / NOTEBOOK)
-    inputs = resolve_inputs("smoke", out=root / "outputs", progress=False)
+    inputs = resolve_inputs("smoke", str(synth_dir), str(tiny_model_dir), out=root / "outputs", progress=False)
     pairs = prepared_pairs(inputs, progress=False)
     cfg = stage_config(TrainConfig, "smoke", pairs=str(pairs), data_dir=str(inputs.data_dir), model=inputs.model,
                        out=str(inputs.out / "train"), max_steps=2, checkpoint_every=0, validation_every=0)
@@ -135,7 +137,7 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
 
     url, token = lab
     root, inputs = lab_root
-    prompt = "Small right pleural effusion."
+    prompt = "Small right pleural effusion, new since yesterday."  # in no test report: the list shows "(your own prompt)"
     n_tokens = len(load_tokenizer(inputs.model)(prompt).input_ids)
     shot = tmp_path / "prompt_panel.png"
     with sync_playwright() as p:

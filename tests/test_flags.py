@@ -43,9 +43,9 @@ def test_presets_apply_under_the_flags_on_every_stage():
 
     smoke = PRESETS["smoke"].stages
     args = build_parser().parse_args(["sample", "--out", "o", "--preset", "smoke", "--prompts", "p.txt"])
-    assert _config(SampleConfig, args).steps == smoke["sample"]["steps"]
-    args = build_parser().parse_args(["sample", "--out", "o", "--preset", "smoke", "--steps", "9"])
-    assert _config(SampleConfig, args).steps == 9
+    assert _config(SampleConfig, args).resolution == smoke["sample"]["resolution"] != SampleConfig().resolution
+    args = build_parser().parse_args(["sample", "--out", "o", "--preset", "smoke", "--resolution", "96"])
+    assert _config(SampleConfig, args).resolution == 96
     args = build_parser().parse_args(["synth", "--out", "o"])
     assert _config(SynthConfig, args) == SynthConfig(out="o")
 

@@ -11,10 +11,16 @@ import pytest
 
 from cxr_helpers.geometry_oracle import GeometryOracle
 from cxr_helpers.image_sets import REAL_TEST_SET
+from cxr_helpers.layout import DEMO_INPUTS_DIR, TINY_MODEL_CONFIG_JSON
 from cxr_helpers.memorisation import AUDIT_BASELINE_SET
 from cxr_helpers.notebook import list_notebooks, run_notebooks
 
 NOTEBOOKS = list_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
+# The demo's adherence margins (AUROC), from seeds 0-2 of benchmarks/demo_learns.py (RESULTS.md):
+# base 0.46-0.55, fine-tuned 0.64-0.75, fine-tuned over base +0.17 to +0.27; a margin below each.
+BASE_NEAR_CHANCE = 0.12
+TUNED_AT_LEAST = 0.6
+TUNED_OVER_BASE = 0.1
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -114,13 +120,27 @@ def test_notebook_04_scores_base_tuned_and_floor_with_a_named_stand_in(demo_run)
     value = metrics.set_index(["set", "metric"])["value"]
     assert rec["train_matches"] == value["base", "audit_train_matches"] + value["fine-tuned", "audit_train_matches"]
     assert 0 < value[AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] <= 1
-    # Prompt adherence on the smoke preset: the geometry oracle, and the real synthetic films
-    # (the ceiling) well above chance; a finding without enough cases is skipped with a note.
-    adherence = pd.DataFrame(rec["adherence"])
+    # Prompt adherence on the smoke preset: the geometry oracle, the real synthetic films its ceiling.
+    adherence = pd.DataFrame(rec["adherence"]).set_index(["set", "finding"])
     assert (adherence["scorer"] == GeometryOracle.name).all() and "adherence.png" in rec["figures"]
-    real = adherence.set_index(["set", "finding"]).loc[(REAL_TEST_SET, "Cardiomegaly")]
-    assert real["auroc"] > 0.75 and min(real["positives"], real["negatives"]) >= 5
-    generated_rows = adherence[adherence["set"].isin(["base", "fine-tuned"])]
-    for name in {"base", "fine-tuned"} - set(generated_rows["set"]):  # too few cardiomegaly prompts in 12
-        assert any(note.startswith(f"adherence: {name}: skipped") and "Cardiomegaly" in note for note in rec["notes"])
-    assert len(pd.read_csv(out / "eval" / "samples" / "fine-tuned" / "metadata.csv")) == 24  # 12 test pairs x 2
+    test_pairs = (pd.read_csv(out / "data" / "pairs.csv")["split"] == "test").sum()
+    assert len(pd.read_csv(out / "eval" / "samples" / "fine-tuned" / "metadata.csv")) == 2 * test_pairs  # every test pair x 2
+
+
+def test_the_demo_learns_what_the_impressions_say(demo_run):
+    """The README's first command, as a user runs it: the LoRA on the pretrained tiny base must
+    follow the prompts. Margins from benchmarks/demo_learns.py over seeds 0-2 (RESULTS.md, "A demo
+    that learns"); a wrong latent scale, prediction type, LoRA scale or guidance would fail here."""
+    out, _ = demo_run
+    rec = json.loads((out / "records" / "04_evaluation.json").read_text())
+    auroc = pd.DataFrame(rec["adherence"]).set_index(["set", "finding"])["auroc"]
+    for finding in ("Cardiomegaly", "Effusion"):
+        base, tuned, real = auroc["base", finding], auroc["fine-tuned", finding], auroc[REAL_TEST_SET, finding]
+        assert abs(base - 0.5) < BASE_NEAR_CHANCE, f"{finding}: the base model, which never saw a finding, scores {base:.2f}"
+        assert tuned >= TUNED_AT_LEAST and tuned - base >= TUNED_OVER_BASE, f"{finding}: fine-tuned {tuned:.2f}, base {base:.2f}"
+        assert real > 0.9 and tuned < real + 0.02  # the oracle's ceiling: the real films
+    assert rec["fid"]["fine-tuned"] < rec["fid"]["base"] and rec["kid"]["fine-tuned"] < rec["kid"]["base"]
+    # The base's own record: its VAE posterior is narrow beside its latents (train() samples from
+    # it; decoding only the mean in pretraining left it ~1 and drowned the findings in noise).
+    tiny = json.loads((out / DEMO_INPUTS_DIR / "tiny_model" / TINY_MODEL_CONFIG_JSON).read_text())
+    assert tiny["pretraining"]["posterior_std_over_latent_std"] < 0.25
