@@ -7,8 +7,11 @@
 #     every step) in fp16 at batch 4, 16 and 64: images/s, peak GPU memory, fraction of fp16 peak;
 #  5. bench_sample.py (batched DPM-Solver++ 20 steps vs one image per call, PNDM 50 steps) in fp16;
 #  6. gpu_kaggle_path.py: notebook 02's training (preset gpu-1x16gb) and notebook 04's generation
-#     through the stage code, SD1.5-shaped random weights, fp16, with the default device choice.
-# PARTS picks sections: PARTS="kaggle" bash benchmarks/gpu_check.sh runs only 6 (default: all).
+#     through the stage code, SD1.5-shaped random weights, fp16, with the default device choice;
+#  7. demo_learns.py: the offline demo's chain (pretrained tiny model, LoRA, both evaluation sets,
+#     adherence and FID) on the GPU, seed 0: does the demo still learn there (fp16 generation)?
+# PARTS picks sections: PARTS="kaggle demo" bash benchmarks/gpu_check.sh runs only 6 and 7
+# (default: all).
 #
 # The GPU image lacks diffusers, torch-fidelity (and may hold an older peft): carry them as
 # wheels in .whl/ (see the device tool's README); this script installs whatever .whl/ holds.
@@ -28,7 +31,7 @@ LOG=${OUT:-.}/gpu_check.log
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$LOG"
-PARTS=${PARTS:-eval train sample kaggle}
+PARTS=${PARTS:-eval train sample kaggle demo}
 if [[ " $PARTS " == *" eval "* ]]; then
 echo "== eval: shared pass vs three torchmetrics objects, 2 x 512" | tee -a "$LOG"
 timeout 120 python3 benchmarks/bench_eval.py --device cuda --images 512 --batch-size 64 --repeats 3 2>&1 \
@@ -54,4 +57,9 @@ if [[ " $PARTS " == *" kaggle "* ]]; then
 echo "== notebook 02 training + notebook 04 generation through the stages, fp16, SD1.5-shaped" | tee -a "$LOG"
 timeout 420 python3 benchmarks/gpu_kaggle_path.py --work "$(mktemp -d)" --out "${OUT:-.}" --train-steps 30 \
   --images 512 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+if [[ " $PARTS " == *" demo "* ]]; then
+echo "== the offline demo's chain on the GPU (pretrained tiny model, LoRA, evaluation), seed 0" | tee -a "$LOG"
+timeout 300 python3 benchmarks/demo_learns.py --work "$(mktemp -d)" --seeds 0 --out "${OUT:-.}" 2>&1 \
+  | grep -v Warning | tee -a "$LOG"
 fi
