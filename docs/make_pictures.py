@@ -21,12 +21,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 PICTURES = ROOT / "docs" / "pictures"
-MAX_WIDTH = 800  # px: small files (noise-like demo images do not compress), still readable in the README
+MAX_WIDTH = 800  # px: small files, still readable in the README
 # picture name -> the demo's figure, relative to its output folder
 FIGURES = {
     "gallery_128.png": "figures/03_sampling_gallery/gallery_128.png",
     "seed_grid.png": "figures/03_sampling_gallery/seed_grid.png",
     "loss_curve.png": "figures/02_lora_finetune/loss_curve.png",
+    "base_vs_lora.png": "figures/02_lora_finetune/base_vs_lora.png",
+    "adherence.png": "eval/figures/adherence.png",
     "metrics.png": "eval/figures/metrics.png",
     "diversity.png": "eval/figures/diversity.png",
     "top_impressions.png": "figures/01_data_exploration/top_impressions.png",
