@@ -1,16 +1,18 @@
 """A small pretrained base for the offline demo: the tiny SD-shaped pipeline, trained here on
-procedural films under generic captions, so that it draws chest films but knows no findings.
+procedural films under captions that say nothing about them, so that it draws chest films and
+has read report words but knows no findings.
 
 It stands where SD1.5 stands in the real run. SD1.5 brings a general prior (it draws images and
 follows generic words) and the LoRA teaches it what the impressions mean; here the prior is "a
-frontal / lateral chest x-ray", and the LoRA must teach it what "cardiomegaly" or "left pleural
-effusion" look like. Two steps, as SD's own parts were made:
+frontal / lateral chest x-ray" and report words seen beside unrelated films, and the LoRA must
+teach it what "cardiomegaly" or "left pleural effusion" look like. Two steps, as SD's own parts were made:
 1. the VAE as an autoencoder on film windows (fully convolutional, so windows teach it whole
    films at a quarter of the cost), then its latent scale from the latents' spread, as SD's
    0.18215 was chosen;
-2. the UNet in full on those latents, each film captioned with its view only ("a lateral chest
-   x-ray"), some with "a chest x-ray" or no caption (for classifier-free guidance); the text
-   tower stays as built (random, frozen), as SD1.5's CLIP stayed frozen.
+2. the UNet in full on those latents, each film captioned with its view ("a lateral chest
+   x-ray"), "a chest x-ray", no caption (for classifier-free guidance) or the impression of an
+   unrelated report (caption_films); the text tower stays as built (random, frozen), as
+   SD1.5's CLIP stayed frozen.
 
 The films come from the demo's renderer (synthetic.py) but from their own seed stream, so the
 base never sees a demo image. Deterministic for a seed on one machine and torch version.
@@ -29,11 +31,12 @@ from tqdm.auto import tqdm
 
 from .config import TinyModelConfig
 from .image_cache import resize_xray
-from .synthetic import draw_report
+from .synthetic import draw_report, write_impression
 from .synthetic_films import draw_patient, render
 
 GENERIC_CAPTION = "a chest x-ray"
-EMPTY_CAPTION_SHARE = 0.1  # per generic caption and per empty one: the rest name the view
+EMPTY_CAPTION_SHARE = 0.1  # per generic caption and per empty one
+DECOY_SHARE = 0.4  # another report's impression; the rest name the view
 BATCH = 32
 VAE_LR, UNET_LR = 2e-3, 1e-3
 # The base's films are drawn from a seed stream no demo dataset uses (synthetic.py seeds report
@@ -59,12 +62,24 @@ def render_films(n: int, resolution: int, seed: int, progress: bool = True) -> t
 
 
 def caption_films(views: list[str], seed: int) -> list[str]:
-    """Each film's caption: its view ("a frontal chest x-ray"), some only "a chest x-ray", some
-    none. Never a finding: that is what the LoRA has to learn."""
+    """Each film's caption, drawn without looking at the film: its view ("a frontal chest x-ray"),
+    "a chest x-ray", nothing, or the impression of another, independent report. The base reads
+    the reports' words but never with the films they describe, so it learns that they say nothing
+    about the film: its films do not depend on which finding a prompt names (adherence ~0.5). With
+    view captions only, report words were unseen text that moved its films arbitrarily, and by
+    chance sometimes towards a finding (a base at 0.71 for effusion on one torch version)."""
     rng = np.random.default_rng([seed, _FILM_STREAM + 1])
-    rolls = rng.random(len(views))
-    return ["" if roll < EMPTY_CAPTION_SHARE else GENERIC_CAPTION if roll < 2 * EMPTY_CAPTION_SHARE
-            else f"a {view.lower()} chest x-ray" for roll, view in zip(rolls, views)]
+    captions = []
+    for i, (roll, view) in enumerate(zip(rng.random(len(views)), views)):
+        if roll < EMPTY_CAPTION_SHARE:
+            captions.append("")
+        elif roll < 2 * EMPTY_CAPTION_SHARE:
+            captions.append(GENERIC_CAPTION)
+        elif roll < 2 * EMPTY_CAPTION_SHARE + DECOY_SHARE:
+            captions.append(write_impression(draw_report(i, rng), rng))
+        else:
+            captions.append(f"a {view.lower()} chest x-ray")
+    return captions
 
 
 @torch.no_grad()
