@@ -68,7 +68,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     real_features, train_features, compared = embed_sets(cfg, net, real, train, generated, n, cache_dir, progress, hits)
     run = EvalRun(cfg=cfg, net=net, device=device, real=real, real_features=real_features,
                   real_n=take(real, real_idx), real_pool=real_features[real_idx], train=train,
-                  train_features=train_features, compared=compared, n_generated=len(generated),
+                  train_features=train_features, compared=compared, n_generated=len(generated), generated_all=generated,
                   kid_subset=kid_subset, kid_std_meaningful=kid_std_meaningful, is_splits=is_splits,
                   data_dir=data_dir, cache_dir=cache_dir, notes=notes, cache_hits=hits, progress=progress)
     table = results_frame(metric_rows(run))

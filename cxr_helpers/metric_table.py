@@ -55,6 +55,7 @@ class EvalRun:
     train: ImageSet | None  # the whole train split, when the audit or the floor needs it
     train_features: torch.Tensor | None  # its pool features, when the audit needs them
     compared: list[Embedded]  # the generated sets, then the real floor
+    generated_all: list[ImageSet]  # every image of each generated set (adherence scores them all)
     n_generated: int
     kid_subset: int
     kid_std_meaningful: bool
@@ -144,7 +145,7 @@ def audit_rows(run: EvalRun) -> list[dict]:
     base_row = {"set": AUDIT_BASELINE_SET, "n_real": baseline.n_train, "n_generated": baseline.n_test,
                 "feature_network": run.net.name}
     rows = [{**base_row, "metric": "audit_baseline_pixel_correlation", "value": baseline.pixel_correlation,
-             "feature_network": "pixels (Pearson correlation, 128 px)"},
+             "feature_network": f"pixels (Pearson correlation, {cfg.resolution} px)"},
             {**base_row, "metric": "audit_baseline_feature_cosine", "value": baseline.feature_cosine}]
     parts = []
     for one in run.generated:
@@ -191,7 +192,7 @@ def adherence_rows(run: EvalRun) -> list[dict]:
     else:
         scorer = adh.SCORERS[cfg.adherence_scorer]()
     table = run.tables["adherence"] = adh.prompt_adherence(
-        cfg, scorer, [(one.images.name, one.images) for one in run.generated], run.real, run.data_dir, run.notes,
+        cfg, scorer, [(one.name, one) for one in run.generated_all], run.real, run.data_dir, run.notes,
         run.progress)
     return [{"set": row.set, "metric": f"auroc_{row.finding.lower().replace(' ', '_')}", "value": row.auroc,
              "ci_low": row.ci_low, "ci_high": row.ci_high, "n_generated": row.images, "feature_network": row.scorer}
