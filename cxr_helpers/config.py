@@ -52,10 +52,12 @@ class TinyModelConfig(Checked):
 
     STAGE: ClassVar[str] = "tiny_model"
     out: str = setting("tiny_model", help="output folder")
-    seed: int = setting(0, help="random seed of the weights (and of the pretraining)")
-    pretrain: bool = setting(False, help="train the VAE and the UNet on synthetic films under generic captions "
-                             "(a base that draws films but knows no findings); off: random weights")
-    resolution: int = setting(64, multiple_of=VAE_FACTOR, why=VAE_WHY, help="film size in px for the pretraining")
+    seed: int = setting(0, min=0, help="random seed of the weights (and of the pretraining)")
+    pretrain: bool = setting(False, help="train the VAE and the UNet on synthetic films under captions unrelated "
+                             "to them (a base that draws films but knows no findings); off: random weights")
+    resolution: int = setting(64, multiple_of=2 * VAE_FACTOR,
+                              why="the VAE trains on windows of half the film, and the VAE downsamples by 8",
+                              help="film size in px for the pretraining")
     films: int = setting(800, min=16, help="synthetic films the pretraining draws (its own, never the demo's)")
     vae_steps: int = setting(400, min=1, help="VAE autoencoder steps (batch 32 windows of half the film size)")
     unet_steps: int = setting(1200, min=1, help="UNet steps (batch 32, epsilon prediction, SD1.5's noise schedule)")
@@ -203,7 +205,7 @@ class EvalConfig(Checked):
     is_splits: int = setting(10, min=1, help="splits for the Inception Score")
     prdc_k: int = setting(5, min=1, help="nearest neighbours for precision, recall, density, coverage")
     audit_pixel_threshold: float = setting(0.95, min=-1.0, max=1.0, help="flag a generated image whose Pearson "
-                                           "correlation with a train image's 128 px pixels is above this")
+                                           "correlation with a train image's pixels (at --resolution) is above this")
     audit_cosine_threshold: float = setting(0.99, min=-1.0, max=1.0, help="flag a generated image whose feature "
                                             "cosine with a train image is above this")
     adherence_scorer: str = setting("xrv", choices=("xrv", "geometry"), help="who scores the findings for prompt "

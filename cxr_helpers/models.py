@@ -146,8 +146,8 @@ def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     # Replace the tokenizer folder with the full SD1.5 layout (vocab.json + merges.txt too).
     write_clip_tokenizer(out / "tokenizer")
-    note = ("pretrained here on synthetic films under generic captions (it draws films, it knows no findings): "
-            "the offline demo's stand-in for SD1.5, not a model" if cfg.pretrain
+    note = ("pretrained here on synthetic films under captions unrelated to them (it draws films, it knows no "
+            "findings): the offline demo's stand-in for SD1.5, not a model" if cfg.pretrain
             else "random weights: a stand-in for SD1.5 for offline runs, not a model")
     save_config(cfg, out / TINY_MODEL_CONFIG_JSON, note=note, **({"pretraining": pretraining} if pretraining else {}))
     logging.getLogger(__name__).info("tiny model written to %s", out)
