@@ -34,8 +34,8 @@ class Preset:
 # the impressions (benchmarks/RESULTS.md, "A demo that learns": adherence and FID by seed).
 _DEMO_PX = 64
 _CPU_SMOKE_TRAIN = dict(
-    resolution=_DEMO_PX, batch_size=32, max_steps=1200, learning_rate=5e-3, rank=16, snr_gamma=5.0,
-    checkpoint_every=600, validation_every=600, validation_seeds=(0, 1),
+    resolution=_DEMO_PX, batch_size=32, max_steps=2400, learning_rate=5e-3, rank=16, snr_gamma=5.0,
+    checkpoint_every=1200, validation_every=1200, validation_seeds=(0, 1),
 )
 _SMOKE_STAGES = {
     "synth": {"reports": 600, "image_size": 320}, "tiny_model": {"pretrain": True, "resolution": _DEMO_PX},
