@@ -95,6 +95,7 @@ def main() -> None:
         print(f"{r['seed']} | " + " | ".join(map(str, aurocs))
               + f" | {r['fid'].get('base')} / {r['fid'].get('fine-tuned')} | {sum(r['times_s'].values()) / 60:.1f}")
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "demo_learns.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
