@@ -245,6 +245,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def output_identity(cfg: Any) -> dict[str, Any]:
+    """The settings that make a stage's output, not where it goes or whether it may replace
+    another: what an ownership record compares."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}
+
+
 def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
     """Write `cfg` as JSON (atomically) with its stage name and the library versions."""
     payload = {"stage": cfg.STAGE, "config": config_to_dict(cfg), "versions": library_versions()}

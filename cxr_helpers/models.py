@@ -156,11 +156,11 @@ def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
 
 def _identity(cfg: TinyModelConfig) -> dict:
     """The settings that make the weights (not where they go). Random weights: the seed alone."""
-    from .config import config_to_dict
+    from .config import output_identity
 
     if not cfg.pretrain:
         return {"seed": cfg.seed, "pretrain": False}
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}
+    return output_identity(cfg)
 
 
 def tiny_model_is_built(out: str | Path, cfg: TinyModelConfig) -> bool:

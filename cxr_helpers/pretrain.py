@@ -83,14 +83,15 @@ def caption_films(views: list[str], seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def _encode(vae, films: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(films[i:i + 64]).latent_dist.mean for i in range(0, len(films), 64)])
+def _encode(vae, films: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std for every film, 64 at a time."""
+    parts = [vae.encode(films[i:i + 64]).latent_dist for i in range(0, len(films), 64)]
+    return torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
 
 
-def train_vae(vae, films: torch.Tensor, cfg: TinyModelConfig, progress: bool = True) -> float:
+def train_vae(vae, films: torch.Tensor, cfg: TinyModelConfig, progress: bool = True) -> None:
     """Autoencoder steps on random windows (reconstruction from a posterior sample + SD's tiny KL
-    weight); returns the latent scale, 1 / the latents' standard deviation, as SD1.5's 0.18215
-    was chosen."""
+    weight)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     window = cfg.resolution // 2
@@ -109,7 +110,6 @@ def train_vae(vae, films: torch.Tensor, cfg: TinyModelConfig, progress: bool = T
         loss.backward()
         opt.step()
     vae.eval()
-    return float(1.0 / _encode(vae, films).std())
 
 
 def train_unet(unet, latents: torch.Tensor, captions: torch.Tensor, scheduler, cfg: TinyModelConfig,
@@ -142,14 +142,16 @@ def pretrain_pipeline(pipe, cfg: TinyModelConfig, progress: bool = True) -> dict
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     films, views = render_films(cfg.films, cfg.resolution, cfg.seed, progress)
-    scale = train_vae(pipe.vae, films, cfg, progress)
+    train_vae(pipe.vae, films, cfg, progress)
+    means, stds = _encode(pipe.vae, films)
+    # The latent scale: 1 / the latents' standard deviation, as SD1.5's 0.18215 was chosen.
+    scale = float(1.0 / means.std())
     pipe.vae.register_to_config(scaling_factor=scale)
+    latents = means * scale
+    # train() draws its latents from the posterior: its spread must be small beside the latents'
+    # (an untrained log-variance head leaves it ~1 and buries the films in noise).
+    noise_ratio = float(stds[:64].mean() / means[:64].std())
     with torch.no_grad():
-        latents = _encode(pipe.vae, films) * scale
-        # train() draws its latents from the posterior: its spread must be small beside the
-        # latents' (an untrained log-variance head leaves it ~1 and buries the films in noise).
-        posterior = pipe.vae.encode(films[:64]).latent_dist
-        noise_ratio = float(posterior.std.mean() / posterior.mean.std())
         ids = pipe.tokenizer(caption_films(views, cfg.seed), padding="max_length", truncation=True,
                              max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
         captions = torch.cat([pipe.text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])

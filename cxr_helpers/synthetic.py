@@ -192,12 +192,12 @@ def _views(rng) -> list[str]:
 def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
     """Write the dataset to `cfg.out`: indiana_reports.csv, indiana_projections.csv, the PNGs,
     plus synthetic_labels.csv (ground truth) and synth_config.json."""
-    from .config import config_to_dict
+    from .config import output_identity
     from .ownership import claim
 
     out = Path(cfg.out)
     # Never into a dataset it did not make (the real one, another seed's): its files would be replaced.
-    claim(out, "synth", {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}, cfg.overwrite)
+    claim(out, "synth", output_identity(cfg), cfg.overwrite)
     image_dir = out / IMAGES_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
     reports, projections, labels = [], [], []
