@@ -46,7 +46,7 @@ def _synth(args) -> None:
 
 
 def _tiny_model(args) -> None:
-    from .models import make_tiny_model
+    from .tiny_model import make_tiny_model
 
     cfg = _config(TinyModelConfig, args)
     out = make_tiny_model(cfg)

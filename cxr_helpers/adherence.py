@@ -30,62 +30,6 @@ if TYPE_CHECKING:  # annotations only: image_sets imports the package's heavy pa
     from .config import EvalConfig
     from .image_sets import ImageSet
 
-# MeSH / Problems major term (lower case, as in indiana_reports.csv) -> the classifier's finding
-# (torchxrayvision's pathology names). Terms not listed here give no label.
-REPORT_TERM_TO_FINDING = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural effusion": "Effusion",
-    "pulmonary atelectasis": "Atelectasis",
-    "atelectasis": "Atelectasis",
-    "pulmonary emphysema": "Emphysema",
-    "emphysema": "Emphysema",
-    "pulmonary disease, chronic obstructive": "Emphysema",
-    "opacity": "Lung Opacity",
-    "airspace disease": "Lung Opacity",
-    "consolidation": "Consolidation",
-    "pneumonia": "Pneumonia",
-    "pneumothorax": "Pneumothorax",
-    "pulmonary edema": "Edema",
-    "edema": "Edema",
-    "pulmonary fibrosis": "Fibrosis",
-    "nodule": "Nodule",
-    "calcified granuloma": "Nodule",  # a calcified granuloma is a small calcified nodule on the film
-    "mass": "Mass",
-    "hernia, hiatal": "Hernia",
-    "fractures, bone": "Fracture",
-    "infiltrate": "Infiltration",
-}
-
-
-def report_terms(mesh: str, problems: str) -> set[str]:
-    """Major terms of one report: "Cardiomegaly/mild;Opacity/lung/base" -> {cardiomegaly, opacity}."""
-    terms = {t.split("/")[0].strip().lower() for t in str(mesh or "").split(";")}
-    terms |= {t.strip().lower() for t in str(problems or "").split(";")}
-    return terms - {""}
-
-
-def report_labels(reports: pd.DataFrame) -> pd.DataFrame:
-    """One row per report uid, one boolean column per mapped finding."""
-    findings = sorted(set(REPORT_TERM_TO_FINDING.values()))
-    rows = []
-    blank = pd.Series([""] * len(reports), index=reports.index)
-    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank)):
-        mapped = {REPORT_TERM_TO_FINDING[t] for t in report_terms(mesh, problems) if t in REPORT_TERM_TO_FINDING}
-        rows.append({"uid": int(uid), **{f: f in mapped for f in findings}})
-    table = pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")
-    return table.groupby(level=0).max()  # a uid listed twice: the findings of both rows
-
-
-def prompt_labels(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
-    """One row per prompt text: a finding is positive when most of the reports with that
-    impression carry it (the same impression can come from several reports)."""
-    reports = pairs.drop_duplicates("uid")  # a report's frontal and lateral films share its impression
-    per_report = labels.reindex(reports["uid"].astype(int).to_numpy())
-    per_report.index = reports["prompt"].to_numpy()
-    per_report = per_report.dropna()  # a uid that indiana_reports.csv lacks gives no label
-    return per_report.astype(float).groupby(level=0).mean() >= 0.5
-
-
 def auroc_with_interval(scores, labels, level: float = 0.95) -> tuple[float, float, float]:
     """AUROC (the Mann-Whitney statistic) and DeLong's interval (DeLong et al. 1988, midrank form
     of Sun & Xu 2014), clipped to [0, 1]."""
@@ -171,7 +115,8 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
                      data_dir: Path, notes: list[str], progress: bool) -> pd.DataFrame:
     """Per finding, the AUROC of the scorer's score against the label of the report each prompt
     came from, for every generated set and for the real test films (the ceiling)."""
-    from .data import load_pairs, read_tables
+    from .labels import prompt_labels, report_labels
+    from .tables import load_pairs, read_tables
     from .layout import REPORTS_CSV
     from .image_sets import REAL_TEST_SET
 

@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import load_pairs
+from .tables import load_pairs
 from .errors import CxrError
 from .image_cache import ResizedImageCache
 from .layout import IMAGES_SUBDIR, contained_image_path

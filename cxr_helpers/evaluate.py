@@ -50,7 +50,7 @@ class EvalResult:
 
 def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | None = None) -> EvalResult:
     """Score every generated set (and the real-vs-real floor) against the real test images."""
-    from .data import resolve_data_dir
+    from .tables import resolve_data_dir
 
     cfg = checked_config(cfg)
     folders = parse_generated(cfg.generated)

@@ -10,45 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 
-from .config import TrainConfig
-from .sample import generate, image_seed, load_sampling_pipeline, upscale_image
+from .generation import generate, image_seed, load_sampling_pipeline
+from .labels import GALLERY_FINDINGS, findings_first
+from .sample import upscale_image
 
 
 # ---------------------------------------------------------------- sampling galleries ---------
-
-# Findings a gallery shows first, when the reports carry labels: the ones the demo's films draw
-# and its geometry oracle measures, and two of the commonest in the real collection.
-GALLERY_FINDINGS = ("Cardiomegaly", "Effusion")
-
-
-def findings_first(pairs: pd.DataFrame, data_dir, findings=GALLERY_FINDINGS) -> pd.DataFrame:
-    """The pairs with, first, one report per finding (the first in their order whose report's
-    MeSH / Problems name it) and one normal report, then the rest: so that a short gallery shows
-    what the fine-tune should change. Unchanged when the reports carry no labels."""
-    from .adherence import report_labels
-    from .data import read_tables
-
-    reports = read_tables(data_dir)[0] if data_dir is not None else pd.DataFrame()
-    if not ({"MeSH", "Problems"} & set(reports.columns)):
-        return pairs
-    labels = report_labels(reports).reindex(pairs["uid"].astype(int).to_numpy()).fillna(False)
-    labels.index = pairs.index
-    picks = []
-    for finding in findings:
-        having = labels.index[labels[finding]] if finding in labels else []
-        picks += [i for i in having if i not in picks][:1]
-    normal = labels.index[~labels.any(axis=1)]
-    picks += [i for i in normal if i not in picks][:1]
-    return pd.concat([pairs.loc[picks], pairs.drop(index=picks)])
-
 
 def real_images(pairs_csv, data_dir, n: int, split: str = "test", resolution: int = 128, seed: int = 0,
                 cache_dir=None, frontal_only: bool = True, findings=GALLERY_FINDINGS):
     """n (image, prompt) pairs of the split, one per report (frontal films when asked), the
     reports naming `findings` first (findings_first)."""
-    from .data import load_pairs
+    from .tables import load_pairs
     from .dataset import ChestXrayDataset
 
     pairs = load_pairs(pairs_csv, split)
@@ -122,31 +96,3 @@ def base_vs_lora_grid(model: str, lora_dir: str | Path, prompts, seeds, resoluti
             captions += [f"base, seed {seed} | {prompt}", f"LoRA, seed {seed} | {prompt}"]
     return plots.image_grid(images, captions, columns=2 * len(seeds), save_to=save_to,
                             title="base model (LoRA scale 0) vs fine-tuned, same seeds")
-
-
-def default_validation_prompts(pairs: str | Path | pd.DataFrame, n: int = 4, data_dir=None) -> list[str]:
-    """The most common test-split prompts (else train-split ones) of pairs.csv or its frame; with
-    `data_dir`, the commonest prompt of a report naming each of GALLERY_FINDINGS and of a normal
-    one come first."""
-    from .data import load_pairs
-
-    if not isinstance(pairs, pd.DataFrame):
-        pairs = load_pairs(pairs)
-    pool = pairs[pairs["split"] == "test"] if (pairs["split"] == "test").any() else pairs
-    common = pool["prompt"].value_counts()
-    pool = pool.drop_duplicates("prompt").set_index("prompt").loc[common.index].reset_index()
-    if data_dir is not None:
-        pool = findings_first(pool, data_dir)
-    return pool["prompt"].head(n).tolist()
-
-
-def validation_grid(pipe, cfg: TrainConfig, prompts, out_path: Path, title: str, lora_scale: float | None = None) -> Path:
-    from . import plots
-
-    seeds = list(cfg.validation_seeds)
-    images = generate(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts), cfg.resolution,
-                      cfg.validation_steps, lora_scale)
-    captions = [f"seed {s} | {p}" for p in prompts for s in cfg.validation_seeds]
-    plots.image_grid(images, captions, columns=len(cfg.validation_seeds),
-                     save_to=out_path, title=title)
-    return out_path

@@ -46,7 +46,7 @@ def gray_to_rgb_tensor(images: list[np.ndarray], resolution: int) -> torch.Tenso
 
 def real_set(cfg: EvalConfig, split: str, data_dir: Path, cache_dir: Path, name: str) -> ImageSet:
     """The split's images, resized and cached exactly as for training, as uint8 3-channel."""
-    from .data import load_pairs
+    from .tables import load_pairs
     from .dataset import ChestXrayDataset
     from .layout import CACHE_IMAGES_SUBDIR
 

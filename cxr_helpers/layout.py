@@ -46,9 +46,16 @@ EXCLUDED_COLUMNS = ("uid", "filename", "projection", "reason", "n_tokens")
 # ---------------------------------------------------------------- the rest of OUT -------------
 TRAIN_STAGE_DIR = "train"
 LORA_SUBDIR = "lora"  # OUT/train/lora: the trained LoRA
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # in lora/: diffusers' LoRA file name
+LORA_CONFIG_JSON = "config.json"  # in lora/: the base model, the training settings, the steps done
 FIGURES_DIR = "figures"
 RECORDS_DIR = "records"  # OUT/records/NOTEBOOK.json: values the notebooks record for the tests
 DEMO_INPUTS_DIR = "demo_inputs"  # the offline presets' synthetic dataset and tiny model
+# ---------------------------------------------------------------- a sample folder -----------
+METADATA_CSV = "metadata.csv"  # one row per generated image
+METADATA_COLUMNS = ["file", "prompt", "prompt_index", "k", "seed", "steps", "scheduler", "guidance",
+                    "negative_prompt", "lora_scale", "model", "lora", "resolution", "upscaled_file",
+                    "n_tokens", "truncated"]
 CACHE_IMAGES_SUBDIR = "images"  # CACHE/images: the resized-image cache every stage shares
 
 

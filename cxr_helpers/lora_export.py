@@ -12,7 +12,7 @@ import torch
 from .config import TrainConfig, config_to_dict
 from .environment import library_versions
 from .io import give_umask_modes, write_json, write_text
-from .sample import LORA_WEIGHTS
+from .layout import LORA_WEIGHTS
 
 
 def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:

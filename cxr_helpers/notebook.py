@@ -51,8 +51,8 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
     later runs reuse them). Otherwise the data is the Kaggle mount (or `data_dir`) and the model
     is the preset's hub id (or `model`).
     """
-    from .data import resolve_data_dir
-    from .models import make_tiny_model, tiny_model_is_built
+    from .tables import resolve_data_dir
+    from .tiny_model import make_tiny_model, tiny_model_is_built
     from .synthetic import dataset_is_built, make_synthetic_dataset
 
     chosen = get_preset(preset)
@@ -145,7 +145,7 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
 def trained_lora(inputs: Inputs, lora_dir: str = "") -> Path:
     """The LoRA to sample from: `lora_dir`, else notebook 02's OUT/train/lora (on Kaggle also a
     previous run's output attached as input)."""
-    from .sample import LORA_WEIGHTS
+    from .layout import LORA_WEIGHTS
 
     candidates = [Path(lora_dir)] if lora_dir else [inputs.out / TRAIN_STAGE_DIR / LORA_SUBDIR]
     if not lora_dir and on_kaggle():

@@ -14,10 +14,11 @@ from .config import SampleConfig
 from .environment import library_versions
 from .errors import CxrError
 from .io import atomic_path, read_user_json, write_csv, write_json
-from .layout import SYNTHETIC_MANIFEST
 from .ownership import claim
 from .presets import SD15_MODEL_ID
-from .sample import LORA_WEIGHTS, SampleResult, check_lora_dir, sample
+from .generation import check_lora_dir
+from .layout import LORA_WEIGHTS, SYNTHETIC_MANIFEST
+from .sample import SampleResult, sample
 
 # The spec's schema: what synthesize reads, nothing else (a misspelt key would be ignored silently).
 SPEC_SAMPLER_KEYS = ("model", "lora", "seed", "steps", "guidance", "resolution", "scheduler", "lora_scale")

@@ -31,7 +31,7 @@ from .config import TrainConfig, config_to_dict, save_config
 from .encodings import Encodings, load_or_build_encodings
 from .environment import cache_root
 from .errors import CxrError
-from .galleries import default_validation_prompts, validation_grid
+from .validation import default_validation_prompts, validation_grid
 from .io import read_json, write_csv
 from .layout import SUMMARY_JSON
 from .lora_export import save_lora
@@ -85,7 +85,7 @@ def finished_run(cfg: TrainConfig) -> TrainResult | None:
     """The run in cfg.out when it is finished and was made exactly as `cfg` would make it (same
     settings, train pairs and base model files): rerunning a notebook or a command then reuses
     it, as every other stage does with its own output. Anything else: None."""
-    from .data import load_pairs
+    from .tables import load_pairs
     from .ownership import read_owner
 
     out = Path(cfg.out)
@@ -127,7 +127,7 @@ def _pairs_digest(pairs: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- the run, step by step ------
 
 def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    from .data import resolve_data_dir
+    from .tables import resolve_data_dir
 
     # The inputs: settings, train pairs, the checkpoint to resume (if any).
     validate(cfg)

@@ -16,7 +16,7 @@ from .ownership import record_owner
 
 def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """pairs.csv whole (validation prompts come from its test split) and its train split."""
-    from .data import load_pairs
+    from .tables import load_pairs
 
     pairs_all = load_pairs(cfg.pairs)
     pairs = pairs_all[pairs_all["split"] == "train"].reset_index(drop=True)
@@ -57,7 +57,7 @@ def make_accelerator(cfg: TrainConfig):
 
 def frozen_parts(model: str, device, weight_dtype):
     """SD1.5's parts with gradients off, on the device in the run's precision."""
-    from .models import load_training_parts
+    from .loading import load_training_parts
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_training_parts(model)
     for part in (text_encoder, vae, unet):

@@ -121,7 +121,7 @@ class PromptPanel:
         from IPython.display import clear_output, display
 
         from . import plots
-        from .sample import generate
+        from .generation import generate
 
         prompt = self.prompt.value.strip()
         if not prompt:
@@ -164,7 +164,7 @@ class PromptPanel:
         """What the Save button does: the shown images as PNGs in `save_dir`, with a metadata.csv
         row each in `sample`'s columns (a later Save adds rows)."""
         from .io import atomic_path, write_csv, write_json
-        from .sample import METADATA_COLUMNS
+        from .layout import METADATA_COLUMNS
 
         if not self.images or self.shown is None:
             self._say("Nothing to save yet: press Generate first.")
