@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_helpers.features import InceptionFeatures
-from cxr_helpers.image_sets import embed, full_float32, gray_to_rgb_tensor
-from cxr_helpers.metrics import torchmetrics_fid, torchmetrics_is, torchmetrics_kid
-from cxr_helpers.synthetic import draw_report
-from cxr_helpers.synthetic_films import draw_patient, render
+from cxr_helpers.evaluation.features import InceptionFeatures
+from cxr_helpers.evaluation.image_sets import embed, full_float32, gray_to_rgb_tensor
+from cxr_helpers.evaluation.metrics import torchmetrics_fid, torchmetrics_is, torchmetrics_kid
+from cxr_helpers.demo.synthetic_dataset import draw_report
+from cxr_helpers.demo.films import draw_patient, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test stand-ins, not the package's
 from stand_ins import random_inception_weights  # noqa: E402

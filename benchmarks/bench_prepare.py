@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_helpers.config import PrepareConfig
-from cxr_helpers.data import prepare
-from cxr_helpers.synthetic import draw_report, write_impression
-from cxr_helpers.synthetic_films import draw_patient, render
-from cxr_helpers.tokenizer import load_tokenizer, write_clip_tokenizer
+from cxr_helpers.config.stages import PrepareConfig
+from cxr_helpers.data.stage import prepare
+from cxr_helpers.demo.synthetic_dataset import draw_report, write_impression
+from cxr_helpers.demo.films import draw_patient, render
+from cxr_helpers.models.tokenizer import load_tokenizer, write_clip_tokenizer
 
 N_REPORTS, N_IMAGES, N_DISTINCT, N_DECODE = 3955, 7466, 24, 120
 

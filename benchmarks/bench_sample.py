@@ -3,7 +3,7 @@ parts with random weights (same compute as the real model) at 128 px.
 
 - reference: one image per pipeline call, the pipeline's default scheduler (SD1.5's PNDM) and
   its default 50 steps, guidance 7.5;
-- project: `cxr_helpers.sample.generate`: a batch of 16 prompts per call, 20 DPM-Solver++
+- project: `cxr_helpers.models.generation.generate`: a batch of 16 prompts per call, 20 DPM-Solver++
   steps, guidance 7.5, a seeded generator per image.
 
 Both share one process and the same UNet, VAE and text encoder; the reference runs first and
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from cxr_helpers.models import SD15_SCHEDULER
-from cxr_helpers.sample import generate, image_seed
+from cxr_helpers.demo.tiny_model import SD15_SCHEDULER
+from cxr_helpers.models.generation import generate, image_seed
 from sd15_shapes import sd15_shaped_parts
 
 PROMPTS = ["No acute cardiopulmonary abnormality.", "Cardiomegaly without acute pulmonary disease.",

@@ -30,11 +30,11 @@ import time
 import numpy as np
 import torch
 
-from cxr_helpers.config import TrainConfig
-from cxr_helpers.encodings import Encodings, encode_images, encode_prompts
-from cxr_helpers.synthetic import draw_report, write_impression
-from cxr_helpers.synthetic_films import draw_patient, render
-from cxr_helpers.training_step import diffusion_loss, sample_latents
+from cxr_helpers.config.stages import TrainConfig
+from cxr_helpers.training.encodings import Encodings, encode_images, encode_prompts
+from cxr_helpers.demo.synthetic_dataset import draw_report, write_impression
+from cxr_helpers.demo.films import draw_patient, render
+from cxr_helpers.training.step import diffusion_loss, sample_latents
 from sd15_shapes import sd15_shaped_parts
 
 # Dense fp16 tensor peak (TFLOP/s) by card, for the fraction-of-peak line on a GPU.

@@ -24,13 +24,15 @@ FINDINGS = ("Cardiomegaly", "Effusion")
 def run_seed(work: Path, seed: int) -> dict:
     import torch
 
-    from cxr_helpers import evaluate, sample
-    from cxr_helpers.config import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, TinyModelConfig, TrainConfig,
-                                    stage_config)
-    from cxr_helpers.data import prepare
-    from cxr_helpers.models import make_tiny_model, tiny_model_is_built
-    from cxr_helpers.synthetic import dataset_is_built, make_synthetic_dataset
-    from cxr_helpers.train import train
+    from cxr_helpers.evaluation import stage as evaluate
+    from cxr_helpers.models.generation import load_sampling_pipeline
+    from cxr_helpers.sampling import stage as sample
+    from cxr_helpers.config.stages import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, TinyModelConfig,
+                                           TrainConfig, stage_config)
+    from cxr_helpers.data.stage import prepare
+    from cxr_helpers.demo.tiny_model import make_tiny_model, tiny_model_is_built
+    from cxr_helpers.demo.synthetic_dataset import dataset_is_built, make_synthetic_dataset
+    from cxr_helpers.training.stage import train
 
     # The dataset and the pretrained base are reused when WORK/seedN already holds them made with
     # these settings (as the demo reuses OUT/demo_inputs): a recipe change then retrains only the LoRA.
@@ -52,7 +54,7 @@ def run_seed(work: Path, seed: int) -> dict:
     lora = train(cfg, progress=False).lora_dir
     times["LoRA training"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    pipe = sample.load_sampling_pipeline(model, lora)
+    pipe = load_sampling_pipeline(model, lora)
     sets = {}
     for name, scale in (("base", 0.0), ("fine-tuned", 1.0)):
         sets[name] = sample.sample(stage_config(SampleConfig, "smoke", model=model, lora=str(lora), lora_scale=scale,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cxr_helpers.features import InceptionFeatures
-from cxr_helpers.image_sets import embed
-from cxr_helpers.metrics import torchmetrics_fid
+from cxr_helpers.evaluation.features import InceptionFeatures
+from cxr_helpers.evaluation.image_sets import embed
+from cxr_helpers.evaluation.metrics import torchmetrics_fid
 from bench_eval import films
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test stand-ins, not the package's

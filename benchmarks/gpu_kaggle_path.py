@@ -24,7 +24,7 @@ import torch
 def build_sd15_shaped(folder: Path) -> Path:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from cxr_helpers.models import SD15_SCHEDULER
+    from cxr_helpers.demo.tiny_model import SD15_SCHEDULER
     from sd15_shapes import sd15_shaped_parts
 
     if (folder / "model_index.json").is_file():
@@ -40,11 +40,14 @@ def build_sd15_shaped(folder: Path) -> Path:
 
 
 def main() -> None:
-    from cxr_helpers import gpu, sample
-    from cxr_helpers.config import PrepareConfig, SampleConfig, SynthConfig, TrainConfig, stage_config
-    from cxr_helpers.data import load_pairs, prepare
-    from cxr_helpers.synthetic import make_synthetic_dataset
-    from cxr_helpers.train import train
+    from cxr_helpers.core import gpu
+    from cxr_helpers.models.generation import load_sampling_pipeline
+    from cxr_helpers.sampling import stage as sample
+    from cxr_helpers.config.stages import PrepareConfig, SampleConfig, SynthConfig, TrainConfig, stage_config
+    from cxr_helpers.data.tables import load_pairs
+    from cxr_helpers.data.stage import prepare
+    from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
+    from cxr_helpers.training.stage import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/kaggle_path")
@@ -63,8 +66,8 @@ def main() -> None:
 
     tic = time.perf_counter()
     if dry:
-        from cxr_helpers.config import TinyModelConfig
-        from cxr_helpers.models import make_tiny_model
+        from cxr_helpers.config.stages import TinyModelConfig
+        from cxr_helpers.demo.tiny_model import make_tiny_model
 
         model = make_tiny_model(TinyModelConfig(out=str(work / "tiny")))
     else:
@@ -90,7 +93,7 @@ def main() -> None:
                         "peak_gpu_gib": 0 if dry else round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
     # Notebook 04: the test prompts through the sampling stage, base (scale 0) and fine-tuned.
-    pipe = sample.load_sampling_pipeline(str(model), result.lora_dir)  # no device given: the default path
+    pipe = load_sampling_pipeline(str(model), result.lora_dir)  # no device given: the default path
     summary["generation_pipeline"] = {"device": str(pipe.device), "dtype": str(pipe.unet.dtype)}
     prompts = load_pairs(pairs.out / "pairs.csv", "test")["prompt"].tolist()
     prompts = (prompts * (args.images // (2 * len(prompts)) + 1))[: args.images // 2]

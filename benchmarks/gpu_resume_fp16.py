@@ -21,11 +21,11 @@ import torch
 def main() -> None:
     from safetensors.torch import load_file
 
-    from cxr_helpers.config import PrepareConfig, SynthConfig, TinyModelConfig, TrainConfig
-    from cxr_helpers.data import prepare
-    from cxr_helpers.models import make_tiny_model
-    from cxr_helpers.synthetic import make_synthetic_dataset
-    from cxr_helpers.train import train
+    from cxr_helpers.config.stages import PrepareConfig, SynthConfig, TinyModelConfig, TrainConfig
+    from cxr_helpers.data.stage import prepare
+    from cxr_helpers.demo.tiny_model import make_tiny_model
+    from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
+    from cxr_helpers.training.stage import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/resume16")

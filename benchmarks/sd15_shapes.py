@@ -7,8 +7,8 @@ sibling module (`python benchmarks/bench_train.py` puts benchmarks/ on sys.path)
 
 from __future__ import annotations
 
-from cxr_helpers.models import clip_text_config, vae_config
-from cxr_helpers.tokenizer import load_tokenizer, write_clip_tokenizer
+from cxr_helpers.demo.tiny_model import clip_text_config, vae_config
+from cxr_helpers.models.tokenizer import load_tokenizer, write_clip_tokenizer
 
 
 def sd15_unet_config() -> dict:

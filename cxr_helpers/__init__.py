@@ -2,5 +2,5 @@
 
 __version__ = "0.1.0"
 
-from .errors import CxrError  # noqa: E402,F401
+from .core.errors import CxrError  # noqa: E402,F401
 

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from .config import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, SynthesizeConfig, TinyModelConfig,
-                     TrainConfig, config_to_dict, load_config, stage_config)
-from .errors import CxrError
-from .flags import add_config_flags, given_values
-from .layout import EXCLUDED_CSV, PAIRS_CSV, SUMMARY_JSON
-from .presets import PRESET_CHOICES
+from .config.stages import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, SynthesizeConfig, TinyModelConfig,
+                            TrainConfig, config_to_dict, load_config, stage_config)
+from .core.errors import CxrError
+from .config.flags import add_config_flags, given_values
+from .core.layout import EXCLUDED_CSV, PAIRS_CSV, SUMMARY_JSON
+from .config.presets import PRESET_CHOICES
 
 
 def _config(cls: type, args: argparse.Namespace, **values: Any):
@@ -28,7 +28,7 @@ def _config(cls: type, args: argparse.Namespace, **values: Any):
 
 
 def _prepare(args) -> None:
-    from .data import prepare
+    from .data.stage import prepare
 
     result = prepare(_config(PrepareConfig, args))
     s = result.summary
@@ -39,14 +39,14 @@ def _prepare(args) -> None:
 
 
 def _synth(args) -> None:
-    from .synthetic import make_synthetic_dataset
+    from .demo.synthetic_dataset import make_synthetic_dataset
 
     out = make_synthetic_dataset(_config(SynthConfig, args))
     print(f"wrote a synthetic dataset in the Kaggle layout to {out}")
 
 
 def _tiny_model(args) -> None:
-    from .tiny_model import make_tiny_model
+    from .demo.tiny_model import make_tiny_model
 
     cfg = _config(TinyModelConfig, args)
     out = make_tiny_model(cfg)
@@ -55,7 +55,7 @@ def _tiny_model(args) -> None:
 
 
 def _train(args) -> None:
-    from .train import train
+    from .training.stage import train
 
     values = given_values(TrainConfig, args)
     if args.config_file:  # a saved TrainConfig (run_training writes one for accelerate launch)
@@ -70,7 +70,7 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
-    from .sample import sample
+    from .sampling.stage import sample
 
     result = sample(_config(SampleConfig, args))
     print(f"{result.generated} images generated, {result.skipped} already there; "
@@ -78,7 +78,7 @@ def _sample(args) -> None:
 
 
 def _synthesize(args) -> None:
-    from .synthesize import synthesize
+    from .sampling.synthesize import synthesize
 
     cfg = _config(SynthesizeConfig, args)
     out = synthesize(cfg.spec, cfg.out, model=cfg.model, lora=cfg.lora, batch_size=cfg.batch_size,
@@ -87,7 +87,7 @@ def _synthesize(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluate import adherence_table, evaluate, results_table
+    from .evaluation.stage import adherence_table, evaluate, results_table
 
     if not args.pairs or not args.out or not args.generated:
         raise CxrError("evaluate needs --pairs PAIRS_CSV, --generated DIR [NAME=DIR ...] and --out DIR")
@@ -103,7 +103,7 @@ def _evaluate(args) -> None:
 
 
 def _kaggle(args) -> None:
-    from . import kaggle
+    from .workflow import kaggle
 
     if args.action == "build":
         folders = kaggle.build(args.out, owner=args.owner, accelerator=args.accelerator)
@@ -116,13 +116,13 @@ def _kaggle(args) -> None:
 
 
 def _check_gpu(args) -> None:
-    from .gpu import check_gpu
+    from .core.gpu import check_gpu
 
     print(check_gpu(fix=args.fix))
 
 
 def _run_notebooks(args) -> None:
-    from .notebook import NOTEBOOKS_DIR, run_notebooks
+    from .workflow.notebooks import NOTEBOOKS_DIR, run_notebooks
 
     folder = args.notebooks or (Path("notebooks") if Path("notebooks").is_dir() else NOTEBOOKS_DIR)
     params = {}

@@ -36,7 +36,7 @@ FIGURES = {
 
 
 def shrink(source: Path, target: Path) -> None:
-    from cxr_helpers.io import atomic_path
+    from cxr_helpers.core.files import atomic_path
 
     image = Image.open(source).convert("RGB")
     if image.width > MAX_WIDTH:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="demo output folder (default: a temporary one)")
     parser.add_argument("--no-browser", action="store_true", help="keep the prompt panel picture that is there")
     args = parser.parse_args(argv)
-    from cxr_helpers.notebook import run_notebooks
+    from cxr_helpers.workflow.notebooks import run_notebooks
 
     out = Path(args.out or tempfile.mkdtemp(prefix="cxr-pictures-"))
     run_notebooks(out, "smoke")

@@ -15,15 +15,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from cxr_helpers.config import TinyModelConfig
-    from cxr_helpers.models import make_tiny_model
+    from cxr_helpers.config.stages import TinyModelConfig
+    from cxr_helpers.demo.tiny_model import make_tiny_model
 
     return make_tiny_model(TinyModelConfig(out=str(tmp_path_factory.mktemp("models") / "tiny"), seed=0))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from cxr_helpers.tokenizer import load_tokenizer
+    from cxr_helpers.models.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -31,8 +31,8 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A small synthetic dataset: 30 reports, one missing, one truncated, one non-image file."""
-    from cxr_helpers.config import SynthConfig
-    from cxr_helpers.synthetic import make_synthetic_dataset
+    from cxr_helpers.config.stages import SynthConfig
+    from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth") / "iu"
     return make_synthetic_dataset(SynthConfig(out=str(out), reports=30, image_size=160, broken_images=3), progress=False)
@@ -40,8 +40,8 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pairs_csv(synth_dir, tokenizer, tmp_path_factory):
-    from cxr_helpers.config import PrepareConfig
-    from cxr_helpers.data import prepare
+    from cxr_helpers.config.stages import PrepareConfig
+    from cxr_helpers.data.stage import prepare
 
     out = tmp_path_factory.mktemp("prepared")
     prepare(PrepareConfig(data_dir=str(synth_dir), out=str(out)), tokenizer=tokenizer, progress=False)
@@ -51,8 +51,8 @@ def pairs_csv(synth_dir, tokenizer, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lora_dir(pairs_csv, synth_dir, tiny_model_dir, tmp_path_factory):
     """A LoRA trained a few steps with a high learning rate, so that it visibly changes images."""
-    from cxr_helpers.config import TrainConfig
-    from cxr_helpers.train import train
+    from cxr_helpers.config.stages import TrainConfig
+    from cxr_helpers.training.stage import train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(pairs=str(pairs_csv), data_dir=str(synth_dir), model=str(tiny_model_dir), out=str(out),
@@ -65,7 +65,7 @@ def lora_dir(pairs_csv, synth_dir, tiny_model_dir, tmp_path_factory):
 def _no_weight_downloads(monkeypatch):
     """The Inception and XRV weights come from GitHub: tests see it as unreachable, so nothing
     downloads even on a machine with internet (the offline messages are what is tested)."""
-    from cxr_helpers import features
+    from cxr_helpers.evaluation import features
 
     monkeypatch.setattr(features, "_github_reachable", lambda: False)
 

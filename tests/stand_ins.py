@@ -8,7 +8,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from cxr_helpers.io import atomic_path
+from cxr_helpers.core.files import atomic_path
 
 
 def random_inception_weights(path: str | Path, seed: int = 0) -> Path:

@@ -4,15 +4,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_helpers import adherence as adh
-from cxr_helpers import evaluate as ev
-from cxr_helpers import image_sets
-from cxr_helpers.config import EvalConfig, PrepareConfig, SynthConfig, stage_config
-from cxr_helpers.data import load_pairs, prepare
-from cxr_helpers.dataset import ChestXrayDataset
-from cxr_helpers.errors import CxrError
-from cxr_helpers.geometry_oracle import GeometryOracle
-from cxr_helpers.synthetic import make_synthetic_dataset
+from cxr_helpers.data import labels as report_labelling
+from cxr_helpers.evaluation import adherence as adh
+from cxr_helpers.evaluation import stage as ev
+from cxr_helpers.evaluation import image_sets
+from cxr_helpers.config.stages import EvalConfig, PrepareConfig, SynthConfig, stage_config
+from cxr_helpers.data.tables import load_pairs
+from cxr_helpers.data.stage import prepare
+from cxr_helpers.data.dataset import ChestXrayDataset
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.evaluation.geometry_oracle import GeometryOracle
+from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
 from conftest import write_set
 
 
@@ -36,14 +38,14 @@ def test_report_terms_map_to_the_classifiers_findings():
                             "MeSH": ["Cardiomegaly/mild;Opacity/lung/base/left", "normal",
                                      "Calcified Granuloma/lung/upper lobe/right", "Hernia, Hiatal"],
                             "Problems": ["Cardiomegaly;Opacity", "normal", "Calcified Granuloma", "Hernia, Hiatal"]})
-    labels = adh.report_labels(reports)
-    assert set(labels.columns) == set(adh.REPORT_TERM_TO_FINDING.values())
+    labels = report_labelling.report_labels(reports)
+    assert set(labels.columns) == set(report_labelling.REPORT_TERM_TO_FINDING.values())
     assert labels.loc[1][labels.loc[1]].index.tolist() == ["Cardiomegaly", "Lung Opacity"]
     assert not labels.loc[2].any() and labels.loc[3, "Nodule"] and labels.loc[4, "Hernia"]
-    assert not adh.report_labels(pd.DataFrame({"uid": [1]})).any().any()  # no MeSH / Problems: no labels
+    assert not report_labelling.report_labels(pd.DataFrame({"uid": [1]})).any().any()  # no MeSH / Problems: no labels
     # An impression shared by several reports is positive when most of them carry the finding.
     pairs = pd.DataFrame({"uid": [1, 1, 2, 3, 4], "prompt": ["A", "A", "B", "B", "C"]})
-    by_prompt = adh.prompt_labels(pairs, labels)
+    by_prompt = report_labelling.prompt_labels(pairs, labels)
     assert by_prompt.loc["A", "Cardiomegaly"] and by_prompt.loc["B", "Nodule"] and not by_prompt.loc["C", "Nodule"]
 
 
@@ -102,7 +104,7 @@ def test_adherence_skips_with_notes_naming_the_counts(larger, tmp_path):
     result = ev.evaluate(cfg, progress=False)
     notes = " ".join(result.notes)
     assert "adherence skipped for unknown: none of its 1 prompt(s)" in notes
-    labels = adh.prompt_labels(load_pairs(pairs_csv), adh.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
+    labels = report_labelling.prompt_labels(load_pairs(pairs_csv), report_labelling.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
     positives = int(labels.loc[prompts, "Cardiomegaly"].sum())
     assert (f"adherence: {image_sets.REAL_TEST_SET}: skipped for fewer than {len(images)} positive or negative images "
             f"(positives+/negatives-): Cardiomegaly {positives}+/{len(images) - positives}-") in notes
@@ -122,5 +124,5 @@ def test_xrv_classifier_scores_its_findings(tmp_path):
     scorer = adh.XRVClassifier(str(path))
     scores = scorer.score(torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8), batch_size=2)
     assert scores.shape == (3, len(scorer.findings)) and "Cardiomegaly" in scorer.findings
-    assert set(scorer.findings) >= set(adh.REPORT_TERM_TO_FINDING.values())  # every mapped finding is scored
+    assert set(scorer.findings) >= set(report_labelling.REPORT_TERM_TO_FINDING.values())  # every mapped finding is scored
     assert scores.notna().all().all()

@@ -63,9 +63,9 @@ def lab_root(tmp_path_factory, tiny_model_dir, synth_dir):
     and 02 would leave there: pairs.csv and a LoRA, made by the stage functions. The model and data
     are the tests' small random-weight ones (MODEL, DATA_DIR): the panel is under test here, and
     test_notebooks.py runs the demo's pretrained base."""
-    from cxr_helpers.config import TrainConfig, stage_config
-    from cxr_helpers.notebook import prepared_pairs, resolve_inputs
-    from cxr_helpers.train import train
+    from cxr_helpers.config.stages import TrainConfig, stage_config
+    from cxr_helpers.workflow.notebooks import prepared_pairs, resolve_inputs
+    from cxr_helpers.training.stage import train
 
     root = tmp_path_factory.mktemp("lab")
     # The committed notebook, with smaller galleries (as papermill's -p would set them): the panel
@@ -133,7 +133,7 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    from cxr_helpers.tokenizer import load_tokenizer
+    from cxr_helpers.models.tokenizer import load_tokenizer
 
     url, token = lab
     root, inputs = lab_root

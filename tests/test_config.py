@@ -3,10 +3,10 @@ import re
 
 import pytest
 
-from cxr_helpers.config import (STAGE_CONFIGS, EvalConfig, PrepareConfig, SampleConfig, SynthConfig, TrainConfig,
-                                load_config, save_config, stage_config)
-from cxr_helpers.errors import CxrError
-from cxr_helpers.presets import PRESETS
+from cxr_helpers.config.stages import (STAGE_CONFIGS, EvalConfig, PrepareConfig, SampleConfig, SynthConfig,
+                                       TrainConfig, load_config, save_config, stage_config)
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.config.presets import PRESETS
 
 
 def test_stage_config_layers_defaults_preset_and_overrides():
@@ -36,7 +36,7 @@ def test_config_round_trip_with_versions(tmp_path):
 def test_auto_resolves_to_a_real_preset_everywhere(monkeypatch):
     import torch
 
-    from cxr_helpers.presets import get_preset, preset_name
+    from cxr_helpers.config.presets import get_preset, preset_name
 
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
     assert preset_name("auto") == "smoke"  # off Kaggle: the offline demo

@@ -3,13 +3,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_helpers import data, image_cache
-from cxr_helpers.config import PrepareConfig
-from cxr_helpers.data import prepare
-from cxr_helpers.dataset import ChestXrayDataset
-from cxr_helpers.errors import CxrError
-from cxr_helpers.image_cache import resize_xray
-from cxr_helpers.prompts import clean_prompt, collapse_whitespace
+from cxr_helpers.data import labels, tables
+from cxr_helpers.data import stage as prepare_stage
+from cxr_helpers.data import image_cache
+from cxr_helpers.config.stages import PrepareConfig
+from cxr_helpers.prepare_stage.prepare import prepare
+from cxr_helpers.data.dataset import ChestXrayDataset
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.data.image_cache import resize_xray
+from cxr_helpers.data.prompts import clean_prompt, collapse_whitespace
 
 
 def make_dataset(root, impressions, views=("Frontal", "Lateral"), size=(200, 240)):
@@ -89,7 +91,7 @@ def test_every_listed_image_is_accounted_for(synth_dir, tmp_path, tokenizer):
 def test_patient_split_keeps_each_uid_on_one_side(synth_dir, tmp_path, tokenizer):
     result = run(synth_dir, tmp_path / "p", tokenizer, split="patient", test_fraction=0.25, seed=3)
     pairs = result.pairs
-    assert data.patients_on_both_sides(pairs) == 0 and result.summary["patients_on_both_sides"] == 0
+    assert prepare_stage.patients_on_both_sides(pairs) == 0 and result.summary["patients_on_both_sides"] == 0
     share = (pairs["split"] == "test").mean()
     biggest_group = pairs.groupby("uid").size().max()
     assert abs(share - 0.25) <= biggest_group / len(pairs)
@@ -101,13 +103,13 @@ def test_patient_split_keeps_each_uid_on_one_side(synth_dir, tmp_path, tokenizer
 
 def test_image_split_is_the_seeds_and_shows_the_leak():
     pairs = pd.DataFrame({"uid": np.repeat(np.arange(100), 2), "prompt": "p"})
-    split = data.split_pairs(pairs, "image", 0.2, seed=0)
+    split = prepare_stage.split_pairs(pairs, "image", 0.2, seed=0)
     assert (split == "test").sum() == int(0.2 * 200)
     pairs["split"] = split
-    assert data.patients_on_both_sides(pairs) > 0  # frontal and lateral of one report on both sides
-    patient = data.split_pairs(pairs, "patient", 0.2, seed=0)
+    assert prepare_stage.patients_on_both_sides(pairs) > 0  # frontal and lateral of one report on both sides
+    patient = prepare_stage.split_pairs(pairs, "patient", 0.2, seed=0)
     pairs["split"] = patient
-    assert data.patients_on_both_sides(pairs) == 0 and (patient == "test").sum() == 40
+    assert prepare_stage.patients_on_both_sides(pairs) == 0 and (patient == "test").sum() == 40
 
 
 def test_projection_filter_and_limit(synth_dir, tmp_path, tokenizer):
@@ -212,15 +214,15 @@ def test_fits_and_odd_inputs():
 
 def test_load_pairs_checks_its_input(tmp_path):
     with pytest.raises(CxrError, match="does not exist; run `python -m cxr_helpers prepare`"):
-        data.load_pairs(tmp_path / "pairs.csv")
+        tables.load_pairs(tmp_path / "pairs.csv")
     pd.DataFrame({"uid": [1], "file": ["a.png"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(CxrError, match="lacks the column"):
-        data.load_pairs(tmp_path / "bad.csv")
+        tables.load_pairs(tmp_path / "bad.csv")
 
 
 def test_mesh_major_terms():
     reports = pd.DataFrame({"MeSH": ["normal", "Cardiomegaly/mild;Opacity/lung/base/left", "Cardiomegaly"]})
-    counts = data.mesh_major_terms(reports)
+    counts = labels.mesh_major_terms(reports)
     assert counts["Cardiomegaly"] == 2 and counts["normal"] == 1 and counts["Opacity"] == 1
 
 
@@ -290,14 +292,14 @@ def test_splits_that_leave_a_side_empty_and_unknown_labels_are_refused(tmp_path,
     pairs.loc[0, "split"] = "validation"
     pairs.to_csv(tmp_path / "out" / "pairs.csv", index=False)
     with pytest.raises(CxrError, match="split label\\(s\\) 'validation'; only train and test"):
-        data.load_pairs(tmp_path / "out" / "pairs.csv", "train")
+        tables.load_pairs(tmp_path / "out" / "pairs.csv", "train")
     pairs.loc[0, ["split", "uid"]] = ["train", "1.5"]
     pairs.to_csv(tmp_path / "out" / "pairs.csv", index=False)
     with pytest.raises(CxrError, match="non-integer uid '1.5'"):
-        data.load_pairs(tmp_path / "out" / "pairs.csv")
+        tables.load_pairs(tmp_path / "out" / "pairs.csv")
     (tmp_path / "out" / "pairs.csv").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CxrError, match="not a readable CSV|lacks the column"):
-        data.load_pairs(tmp_path / "out" / "pairs.csv")
+        tables.load_pairs(tmp_path / "out" / "pairs.csv")
     (tmp_path / "out" / "pairs.csv").write_text("")
     with pytest.raises(CxrError, match="not a readable CSV"):
-        data.load_pairs(tmp_path / "out" / "pairs.csv")
+        tables.load_pairs(tmp_path / "out" / "pairs.csv")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cxr_helpers import features
-from cxr_helpers.errors import CxrError, library_reason
+from cxr_helpers.evaluation import features
+from cxr_helpers.core.errors import CxrError, library_reason
 
 
 def test_library_reason_keeps_the_mismatch_and_the_wrapped_cause():

@@ -6,13 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_helpers import evaluate as ev
-from cxr_helpers import features, image_sets, memorisation, metrics
-from cxr_helpers.config import EvalConfig, SampleConfig, stage_config
-from cxr_helpers.data import load_pairs
-from cxr_helpers.dataset import ChestXrayDataset
-from cxr_helpers.errors import CxrError
-from cxr_helpers.sample import sample
+from cxr_helpers.evaluation import stage as ev
+from cxr_helpers.evaluation import features
+from cxr_helpers.evaluation import image_sets
+from cxr_helpers.evaluation import memorisation
+from cxr_helpers.evaluation import metrics
+from cxr_helpers.config.stages import EvalConfig, SampleConfig, stage_config
+from cxr_helpers.data.tables import load_pairs
+from cxr_helpers.data.dataset import ChestXrayDataset
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.sampling.stage import sample
 from conftest import write_set
 
 
@@ -267,8 +270,8 @@ def test_a_sample_folders_metadata_may_not_name_files_outside_it(pairs_csv, synt
 def test_diversity_fits_the_demos_64_px_and_smaller():
     # MS-SSIM's coarsest of 5 scales would be 4 px at 64 px, under torchmetrics' 5 px padding:
     # fewer scales there, the same 5 at 128 px.
-    from cxr_helpers.image_sets import ImageSet
-    from cxr_helpers.metrics import diversity, ms_ssim_scales
+    from cxr_helpers.evaluation.image_sets import ImageSet
+    from cxr_helpers.evaluation.metrics import diversity, ms_ssim_scales
 
     assert [ms_ssim_scales(s) for s in (32, 64, 128, 512)] == [3, 4, 5, 5]
     for size in (32, 64, 128):

@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cxr_helpers import evaluate as ev
-from cxr_helpers import features, image_sets, metrics
-from cxr_helpers.config import EvalConfig, stage_config
-from cxr_helpers.data import load_pairs
-from cxr_helpers.dataset import ChestXrayDataset
-from cxr_helpers.errors import CxrError
+from cxr_helpers.evaluation import stage as ev
+from cxr_helpers.evaluation import features
+from cxr_helpers.evaluation import image_sets
+from cxr_helpers.evaluation import metrics
+from cxr_helpers.config.stages import EvalConfig, stage_config
+from cxr_helpers.data.tables import load_pairs
+from cxr_helpers.data.dataset import ChestXrayDataset
+from cxr_helpers.core.errors import CxrError
 
 from test_evaluate import split_images, write_set
 

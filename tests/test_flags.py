@@ -4,10 +4,10 @@ import re
 import pytest
 
 from cxr_helpers.__main__ import STAGES, build_parser, main
-from cxr_helpers.config import SampleConfig, SynthConfig
-from cxr_helpers.flags import field_default, show_default
-from cxr_helpers.presets import PRESETS
-from cxr_helpers.settings import field_flag
+from cxr_helpers.config.stages import SampleConfig, SynthConfig
+from cxr_helpers.config.flags import field_default, show_default
+from cxr_helpers.config.presets import PRESETS
+from cxr_helpers.config.settings import field_flag
 
 
 def _help_entries(stage, capsys):

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr_helpers.geometry_oracle import PA_ANGLES, GeometryOracle, costophrenic_fill, is_lateral
-from cxr_helpers.image_cache import resize_xray
-from cxr_helpers.synthetic_films import Finding, draw_patient, render
+from cxr_helpers.evaluation.geometry_oracle import PA_ANGLES, GeometryOracle, costophrenic_fill, is_lateral
+from cxr_helpers.data.image_cache import resize_xray
+from cxr_helpers.demo.films import Finding, draw_patient, render
 
 
 def _films(findings, view="Frontal", n=16):

@@ -1,6 +1,6 @@
 import pytest
 
-from cxr_helpers.io import atomic_path, write_json
+from cxr_helpers.core.files import atomic_path, write_json
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):

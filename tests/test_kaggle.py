@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_helpers import kaggle
-from cxr_helpers.errors import CxrError
+from cxr_helpers.workflow import kaggle
+from cxr_helpers.core.errors import CxrError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,8 +143,9 @@ def test_push_refuses_the_placeholder_owner(tmp_path):
 
 
 def test_on_kaggle_defaults_resolve_to_inputs_and_working(monkeypatch, tmp_path):
-    from cxr_helpers import data, notebook
-    from cxr_helpers import environment
+    from cxr_helpers.data import tables
+    from cxr_helpers.workflow import notebooks as notebook
+    from cxr_helpers.core import environment
 
     kaggle_input = tmp_path / "input"
     iu = kaggle_input / "datasets" / "raddar" / "chest-xrays-indiana-university"
@@ -160,7 +161,7 @@ def test_on_kaggle_defaults_resolve_to_inputs_and_working(monkeypatch, tmp_path)
     (export / "synthetic_manifest.json").write_text("{}")
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     monkeypatch.setenv("CXR_KAGGLE_ROOT", str(tmp_path))
-    assert data.default_data_dir() == iu  # wherever Kaggle mounted the dataset
+    assert tables.default_data_dir() == iu  # wherever Kaggle mounted the dataset
     assert notebook.output_dir() == tmp_path / "working" / "cxr-lora"
     inputs = notebook.Inputs(preset=None, data_dir=iu, model="m", out=tmp_path / "working", cache=tmp_path / "c")
     assert notebook.trained_lora(inputs) == lora  # notebook 02's output, attached as a kernel source

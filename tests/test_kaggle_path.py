@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr_helpers import gpu
-from cxr_helpers.errors import CxrError
+from cxr_helpers.core import gpu
+from cxr_helpers.core.errors import CxrError
 
 
 @pytest.mark.parametrize("card, built, ok", [
@@ -84,7 +84,7 @@ def test_stages_refuse_a_card_torch_cannot_drive_in_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(gpu, "torch_arch_list", lambda: ["sm_75", "sm_80"])
-    for what, call in (("training", lambda: __import__("cxr_helpers.training_setup", fromlist=["x"]).check_device("fp16")),
+    for what, call in (("training", lambda: __import__("cxr_helpers.training.setup", fromlist=["x"]).check_device("fp16")),
                        ("image generation", gpu.generation_device)):
         with pytest.raises(CxrError, match=rf"no kernels for the Tesla P100-PCIE-16GB \(sm_60\), so {what} cannot run "
                                            r"on it: install the same torch built for CUDA 12.6.*`pip install torch=="):
@@ -92,7 +92,7 @@ def test_stages_refuse_a_card_torch_cannot_drive_in_one_sentence(monkeypatch):
 
 
 def test_output_files_get_the_umask_mode(tmp_path):
-    from cxr_helpers.io import FILE_MODE, write_json
+    from cxr_helpers.core.files import FILE_MODE, write_json
 
     path = write_json(tmp_path / "x.json", {"a": 1})
     assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE == 0o666 & ~_umask() != 0o600
@@ -114,9 +114,9 @@ def test_every_help_works(stage):
 def test_relayed_training_shows_one_bar_not_a_flood(pairs_csv, synth_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Under `accelerate launch` the children print progress lines; the notebook's process turns
     them into one bar and prints only the other lines."""
-    from cxr_helpers.config import TrainConfig
-    from cxr_helpers.progress_lines import PROGRESS_PREFIX, relay_output
-    from cxr_helpers.train import train
+    from cxr_helpers.config.stages import TrainConfig
+    from cxr_helpers.training.progress import PROGRESS_PREFIX, relay_output
+    from cxr_helpers.training.stage import train
 
     monkeypatch.setenv("CXR_PROGRESS_LINES", "1")
     train(TrainConfig(pairs=str(pairs_csv), data_dir=str(synth_dir), model=str(tiny_model_dir), out=str(tmp_path / "t"),
@@ -131,7 +131,7 @@ def test_relayed_training_shows_one_bar_not_a_flood(pairs_csv, synth_dir, tiny_m
 
 
 def test_resume_latest_adopts_an_attached_earlier_output(tmp_path, monkeypatch, capsys):
-    from cxr_helpers.checkpoints import find_checkpoint
+    from cxr_helpers.training.checkpoints import find_checkpoint
 
     earlier = tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cxr-lora-02" / "cxr-lora" / "train" / "checkpoints"
     for step in (250, 500):

@@ -118,12 +118,12 @@ class KaggleRehearsal:
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, tiny_model_dir):
-    from cxr_helpers import kaggle
-    from cxr_helpers.config import SynthConfig
-    from cxr_helpers.presets import SD15_MODEL_ID
-    from cxr_helpers.features import INCEPTION_WEIGHTS_FILE
+    from cxr_helpers.workflow import kaggle
+    from cxr_helpers.config.stages import SynthConfig
+    from cxr_helpers.config.presets import SD15_MODEL_ID
+    from cxr_helpers.evaluation.features import INCEPTION_WEIGHTS_FILE
     from stand_ins import random_inception_weights
-    from cxr_helpers.synthetic import make_synthetic_dataset
+    from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("kaggle")
     build = root / "build"

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from cxr_helpers.config import TinyModelConfig
-from cxr_helpers.errors import CxrError
-from cxr_helpers.models import build_tiny_pipeline, load_pipeline, make_tiny_model
-from cxr_helpers.tokenizer import load_tokenizer
+from cxr_helpers.config.stages import TinyModelConfig
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.demo.tiny_model import build_tiny_pipeline, make_tiny_model
+from cxr_helpers.models.loading import load_pipeline
+from cxr_helpers.models.tokenizer import load_tokenizer
 
 
 def test_rebuilt_tokenizer_is_sd15s(tokenizer):
@@ -80,7 +81,7 @@ def _small_pretraining(out, seed=0, **kw):
 
 
 def test_pretraining_is_deterministic_and_loads_as_sd15_loads(tmp_path):
-    from cxr_helpers.models import tiny_model_is_built
+    from cxr_helpers.demo.tiny_model import tiny_model_is_built
     from safetensors.torch import load_file
 
     a = make_tiny_model(_small_pretraining(tmp_path / "a"), progress=False)
@@ -109,7 +110,7 @@ def test_pretraining_captions_never_come_from_their_film():
     # with the finding a prompt names).
     import inspect
 
-    from cxr_helpers.pretrain import GENERIC_CAPTION, caption_films
+    from cxr_helpers.demo.pretrain import GENERIC_CAPTION, caption_films
 
     assert list(inspect.signature(caption_films).parameters) == ["views", "seed"]
     views = ["Frontal", "Lateral"] * 200

@@ -9,11 +9,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from cxr_helpers.geometry_oracle import GeometryOracle
-from cxr_helpers.image_sets import REAL_TEST_SET
-from cxr_helpers.layout import DEMO_INPUTS_DIR, TINY_MODEL_CONFIG_JSON
-from cxr_helpers.memorisation import AUDIT_BASELINE_SET
-from cxr_helpers.notebook import list_notebooks, run_notebooks
+from cxr_helpers.evaluation.geometry_oracle import GeometryOracle
+from cxr_helpers.evaluation.image_sets import REAL_TEST_SET
+from cxr_helpers.core.layout import DEMO_INPUTS_DIR, TINY_MODEL_CONFIG_JSON
+from cxr_helpers.evaluation.memorisation import AUDIT_BASELINE_SET
+from cxr_helpers.workflow.notebooks import list_notebooks, run_notebooks
 
 NOTEBOOKS = list_notebooks(Path(__file__).resolve().parent.parent / "notebooks")
 # The demo's adherence margins (AUROC), from benchmarks/demo_learns.py (RESULTS.md, "A demo that

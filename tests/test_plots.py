@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from cxr_helpers import plots
-from cxr_helpers.evaluate import results_table
-from cxr_helpers.style import SET_COLOURS, metric_label, metric_order, set_colours
+from cxr_helpers.figures import plots
+from cxr_helpers.evaluation.stage import results_table
+from cxr_helpers.figures.style import SET_COLOURS, metric_label, metric_order, set_colours
 
 LONG = ("1. Small right pleural effusion. 2. Right upper lobe opacity concerning for pneumonia. 3. Stable "
         "cardiomegaly with calcified granuloma in the left lower lobe and degenerative changes of the spine.")

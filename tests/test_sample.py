@@ -6,12 +6,14 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cxr_helpers import sample as sample_mod
-from cxr_helpers import synthesize as synthesize_mod
-from cxr_helpers.config import PrepareConfig, SampleConfig, stage_config
-from cxr_helpers.data import prepare
-from cxr_helpers.errors import CxrError
-from cxr_helpers.sample import load_sampling_pipeline, sample
+from cxr_helpers.sampling import stage as sample_mod
+from cxr_helpers.sampling import synthesize as synthesize_mod
+from cxr_helpers.config.stages import PrepareConfig, SampleConfig, stage_config
+from cxr_helpers.data.stage import prepare
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.core.layout import METADATA_COLUMNS
+from cxr_helpers.models.generation import load_sampling_pipeline
+from cxr_helpers.sampling.stage import sample
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_resume_skips_what_is_there_and_metadata_is_complete(pipe, tiny_model_di
     again = sample(cfg(tiny_model_dir, lora_dir, tmp_path, n_per_prompt=2, upscale=128), pipe=pipe, progress=False)
     assert (again.generated, again.skipped) == (3, 3) and sum(calls) == 3
     meta = pd.read_csv(tmp_path / "metadata.csv", keep_default_na=False)
-    assert list(meta.columns) == sample_mod.METADATA_COLUMNS and len(meta) == 6
+    assert list(meta.columns) == METADATA_COLUMNS and len(meta) == 6
     for col in ("file", "prompt", "seed", "steps", "scheduler", "guidance", "lora_scale", "model", "lora"):
         assert (meta[col].astype(str) != "").all(), col
     assert meta["seed"].is_unique and (meta["lora"] == str(lora_dir)).all()
@@ -112,7 +114,7 @@ def test_synthesize_never_writes_into_a_dataset_it_did_not_make(pipe, tiny_model
 
 
 def test_lora_scale_zero_is_the_base_model(pipe, tiny_model_dir, lora_dir):
-    from cxr_helpers.models import load_pipeline
+    from cxr_helpers.models.loading import load_pipeline
 
     base = load_pipeline(str(tiny_model_dir))
     a = sample_mod.generate(pipe, ["Cardiomegaly."], [7], 64, 3, lora_scale=0.0)[0]
@@ -146,9 +148,10 @@ def test_prompts_from_the_test_split(pipe, tiny_model_dir, lora_dir, pairs_csv, 
 def test_galleries_show_a_report_per_finding_first(pairs_csv, synth_dir):
     # A short gallery (validation grids, notebook 02's base-vs-LoRA grid, real films) leads with a
     # report naming each finding the demo draws and a normal one, so that the fine-tune shows.
-    from cxr_helpers.adherence import report_labels
-    from cxr_helpers.data import read_tables
-    from cxr_helpers.galleries import GALLERY_FINDINGS, default_validation_prompts, findings_first
+    from cxr_helpers.data.labels import report_labels
+    from cxr_helpers.data.tables import read_tables
+    from cxr_helpers.data.labels import GALLERY_FINDINGS, findings_first
+    from cxr_helpers.training.validation import default_validation_prompts
 
     pairs = pd.read_csv(pairs_csv)
     labels = report_labels(read_tables(synth_dir)[0])

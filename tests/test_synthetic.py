@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_helpers.config import SynthConfig
-from cxr_helpers.geometry_oracle import heart_width_fraction
-from cxr_helpers.synthetic import make_synthetic_dataset
-from cxr_helpers.synthetic_films import Finding, draw_patient, render
+from cxr_helpers.config.stages import SynthConfig
+from cxr_helpers.evaluation.geometry_oracle import heart_width_fraction
+from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
+from cxr_helpers.demo.films import Finding, draw_patient, render
 
 
 def test_exact_kaggle_layout(synth_dir):

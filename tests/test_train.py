@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr_helpers import encodings, training_setup, training_step
-from cxr_helpers import train as train_mod
-from cxr_helpers.checkpoints import checkpoint_dirs
-from cxr_helpers.config import TrainConfig, stage_config
-from cxr_helpers.errors import CxrError
-from cxr_helpers.train import train
+from cxr_helpers.training import encodings
+from cxr_helpers.training import setup as training_setup
+from cxr_helpers.training import step as training_step
+from cxr_helpers.training import stage as train_mod
+from cxr_helpers.training.checkpoints import checkpoint_dirs
+from cxr_helpers.config.stages import TrainConfig, stage_config
+from cxr_helpers.core.errors import CxrError
+from cxr_helpers.training.stage import train
 
 
 def config(pairs_csv, synth_dir, tiny_model_dir, out, **kw):
@@ -246,7 +248,7 @@ def _snapshot(folder):
 
 
 def test_a_finished_run_is_not_overwritten_or_mixed(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
-    from cxr_helpers.ownership import folder_lock
+    from cxr_helpers.core.ownership import folder_lock
 
     out = tmp_path / "run"
     train(config(pairs_csv, synth_dir, tiny_model_dir, out, max_steps=2, validation_prompts=()), progress=False)
@@ -325,7 +327,7 @@ def test_resume_checks_the_checkpoint_and_the_inputs(pairs_csv, synth_dir, tiny_
 
 
 def test_the_prediction_type_travels_with_the_lora(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
-    from cxr_helpers.sample import load_sampling_pipeline
+    from cxr_helpers.models.generation import load_sampling_pipeline
 
     result = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "v", max_steps=1,
                           prediction_type="v_prediction", validation_prompts=()), progress=False)

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_helpers.sample import METADATA_COLUMNS, generate, load_sampling_pipeline
-from cxr_helpers.widgets import OWN_PROMPT, PromptPanel
+from cxr_helpers.core.layout import METADATA_COLUMNS
+from cxr_helpers.models.generation import generate, load_sampling_pipeline
+from cxr_helpers.sampling.widgets import OWN_PROMPT, PromptPanel
 
 COMMON = ["Cardiomegaly.", "No acute disease."]
 
@@ -61,12 +62,12 @@ def test_mistakes_show_in_the_panel_and_keep_the_last_images(panel):
 
 
 def test_an_error_inside_generation_is_a_sentence_not_a_traceback(panel, monkeypatch):
-    from cxr_helpers import sample
+    from cxr_helpers.models import generation
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory.\nlong details")
 
-    monkeypatch.setattr(sample, "generate", broken)
+    monkeypatch.setattr(generation, "generate", broken)
     assert panel.generate() == [] and "Generation failed: RuntimeError: CUDA out of memory." in panel.status.value
     assert not panel.button.disabled and panel.button.description == "Generate"
 

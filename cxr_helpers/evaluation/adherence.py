@@ -1,0 +1,151 @@
+"""Prompt adherence: does a film generated for a report's impression show that report's findings?
+
+A chest X-ray classifier scores each image for the findings it knows; the labels come from the
+report the prompt was taken from (its MeSH and Problems columns, mapped to the classifier's
+findings by REPORT_TERM_TO_FINDING). Per finding, the AUROC of the score against the label says
+how well the images separate the prompts that name the finding from those that do not: 0.5 is
+chance, 1 is perfect. Real test films, scored the same way, are the ceiling of what the classifier
+can see.
+
+Scorers are looked up by name in SCORERS:
+- "xrv": torchxrayvision's DenseNet-121 (`densenet121-res224-all`), the network of the domain FID;
+- "geometry": an oracle for the procedural films of `cxr_helpers.synthetic` only, which measures
+  the heart's size and pleural effusion from the renderer's known geometry (geometry_oracle.py;
+  no weights, no download): for offline tests and the smoke demo.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .geometry_oracle import GeometryOracle
+
+if TYPE_CHECKING:  # annotations only: image_sets imports the package's heavy parts
+    from ..config.stages import EvalConfig
+    from .image_sets import ImageSet
+
+def auroc_with_interval(scores, labels, level: float = 0.95) -> tuple[float, float, float]:
+    """AUROC (the Mann-Whitney statistic) and DeLong's interval (DeLong et al. 1988, midrank form
+    of Sun & Xu 2014), clipped to [0, 1]."""
+    from scipy.stats import norm, rankdata
+
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    pos, neg = scores[labels], scores[~labels]
+    m, n = len(pos), len(neg)
+    both = rankdata(np.concatenate([pos, neg]))
+    auc = (both[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v10 = (both[:m] - rankdata(pos)) / n  # per positive: share of negatives it outranks
+    v01 = 1.0 - (both[m:] - rankdata(neg)) / m  # per negative: share of positives that outrank it
+    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+    half = float(norm.ppf(0.5 + level / 2) * math.sqrt(var))
+    return float(auc), max(0.0, auc - half), min(1.0, auc + half)
+
+
+# ---------------------------------------------------------------- scorers --------------------
+
+class XRVClassifier:
+    """torchxrayvision's DenseNet-121 (`densenet121-res224-all`): a score per pathology it was
+    trained on; its weights are handled as for the domain FID (`features.XRVFeatures`)."""
+
+    def __init__(self, weights: str | None = None, features=None):
+        from .features import XRVFeatures
+
+        self.features = features or XRVFeatures(weights or None)
+        import torchxrayvision as xrv
+
+        from .features import XRV_WEIGHTS_NAME
+
+        self.net = self.features.net
+        self.name = f"torchxrayvision {XRV_WEIGHTS_NAME} classifier"
+        # A network built from a .safetensors state dict has no `pathologies`: the release's list.
+        self.outputs = list(getattr(self.net, "pathologies", None) or xrv.models.model_urls[XRV_WEIGHTS_NAME]["labels"])
+        self.findings = tuple(p for p in self.outputs if p)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+        from tqdm.auto import tqdm
+
+        device = next(self.net.parameters()).device
+        outputs = []
+        for start in tqdm(range(0, len(images), batch_size), desc="adherence: classifier", disable=not progress):
+            x = images[start:start + batch_size, :1].to(device).float() / 255.0 * 2048.0 - 1024.0
+            x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+            outputs.append(self.net(x).float().cpu())
+        table = torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.outputs)))
+        frame = pd.DataFrame(table, columns=self.outputs)
+        return frame[list(self.findings)]
+
+
+SCORERS = {"xrv": XRVClassifier, "geometry": GeometryOracle}
+
+
+# ---------------------------------------------------------------- the measure ----------------
+
+ADHERENCE_COLUMNS = ["set", "finding", "auroc", "ci_low", "ci_high", "positives", "negatives", "images", "scorer"]
+
+
+def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str, min_cases: int,
+              notes: list[str]) -> pd.DataFrame:
+    """Per finding both know, the AUROC of the scores against the labels (rows aligned); a finding
+    with fewer than `min_cases` positives or negatives is skipped with a note naming the counts."""
+    rows, skipped = [], []
+    for finding in [f for f in scores.columns if f in labels.columns]:
+        truth = labels[finding].to_numpy(dtype=bool)
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        row = {"set": name, "finding": finding, "positives": positives, "negatives": negatives,
+               "images": len(truth), "scorer": scorer_name}
+        if min(positives, negatives) < min_cases:
+            skipped.append(f"{finding} {positives}+/{negatives}-")
+            continue
+        auc, low, high = auroc_with_interval(scores[finding].to_numpy(), truth)
+        rows.append({**row, "auroc": auc, "ci_low": low, "ci_high": high})
+    if skipped:  # one note per set: the classifier knows up to 18 findings
+        notes.append(f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
+                     f"(positives+/negatives-): {', '.join(skipped)}")
+    return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS)
+
+
+def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet,
+                     data_dir: Path, notes: list[str], progress: bool) -> pd.DataFrame:
+    """Per finding, the AUROC of the scorer's score against the label of the report each prompt
+    came from, for every generated set and for the real test films (the ceiling)."""
+    from ..data.labels import prompt_labels, report_labels
+    from ..data.tables import load_pairs, read_tables
+    from ..core.layout import REPORTS_CSV
+    from .image_sets import REAL_TEST_SET
+
+    reports, _ = read_tables(data_dir)
+    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
+        notes.append(f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
+                     "no report has a label; use the Kaggle dataset's original file")
+        return pd.DataFrame(columns=ADHERENCE_COLUMNS)
+    labels = report_labels(reports)
+    pairs = load_pairs(cfg.pairs)
+    by_prompt = prompt_labels(pairs, labels)
+    parts = []
+    for name, image_set in generated:
+        known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
+        if not known:
+            notes.append(f"adherence skipped for {name}: none of its {len(set(image_set.prompts))} prompt(s) is the "
+                         f"impression of a report in {cfg.pairs}, so no image has a label; sample from that pairs.csv")
+            continue
+        if len(known) < len(image_set.prompts):
+            notes.append(f"adherence: {name}: {len(image_set.prompts) - len(known)} image(s) whose prompt is no "
+                         "report's impression are left out")
+        scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
+        truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
+        parts.append(adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
+    truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
+    scores = scorer.score(real.images, cfg.batch_size, progress)
+    parts.append(adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    table = pd.concat(parts, ignore_index=True)
+    if not len(table):
+        notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
+    return table

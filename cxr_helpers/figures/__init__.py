@@ -1,0 +1,1 @@
+"""Figures: the plots every stage draws, and their colours and labels."""

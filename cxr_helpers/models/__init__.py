@@ -1,0 +1,1 @@
+"""Stable Diffusion parts: loading from a hub id or a local folder, the sampling pipeline and seeded generation, the tokenizer, the hub."""

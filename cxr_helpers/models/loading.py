@@ -1,0 +1,87 @@
+"""Loading Stable Diffusion parts from a hub id or a local diffusers directory (hub access is in
+hub.py, the tokenizer in tokenizer.py).
+
+The same loader serves SD1.5 on Kaggle and the demo's tiny model offline, so the code under test
+is the code users run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import CxrError
+from .hub import from_hub, is_local
+from .tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------- pipelines ------------------
+
+def _dtype_argument() -> str:
+    """The name from_pretrained takes the dtype under: newer diffusers renamed `torch_dtype` to
+    `dtype` (the old name prints a deprecation warning into every notebook); 0.32 knows only
+    `torch_dtype`. Detected by the helper the newer releases resolve the two names with."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def load_pipeline(model: str | Path, torch_dtype=None):
+    """A StableDiffusionPipeline from a hub id or a local diffusers dir, safety checker off.
+
+    The safety checker blanks chest X-rays (it flags them), so it is never loaded.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as df_logging
+
+    df_logging.set_verbosity_error()
+    model = str(model)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    if torch_dtype is not None:
+        kwargs[_dtype_argument()] = torch_dtype
+    if is_local(model):
+        path = Path(model).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
+                           "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
+        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    return from_hub(StableDiffusionPipeline.from_pretrained, model, "model", **kwargs)
+
+
+# ---------------------------------------------------------------- training parts -------------
+
+def load_training_parts(model: str | Path, weight_dtype=None):
+    """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a diffusers model, hub id or dir.
+
+    The noise scheduler is a DDPMScheduler built from the model's scheduler config (as the
+    diffusers training examples do), so its prediction type is the model's.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as df_logging
+    from transformers import CLIPTextModel
+
+    df_logging.set_verbosity_error()
+    model = str(model)
+    if is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
+        raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
+                       "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
+    tokenizer = load_tokenizer(model)
+    kwargs = {} if weight_dtype is None else {"torch_dtype": weight_dtype}
+
+    def part(cls, subfolder, **extra):
+        def loader(name, **kw):
+            return cls.from_pretrained(name, subfolder=subfolder, **kw, **extra)
+        if is_local(model):
+            try:
+                return loader(str(Path(model).expanduser()))
+            except Exception as exc:
+                raise CxrError(f"could not load {subfolder}/ of {model} ({exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0][:160]}); is it a complete diffusers model?") from None
+        return from_hub(loader, model, f"model's {subfolder}")
+
+    text_encoder = part(CLIPTextModel, "text_encoder", **kwargs)
+    vae = part(AutoencoderKL, "vae", **kwargs)
+    unet = part(UNet2DConditionModel, "unet", **kwargs)
+    noise_scheduler = part(DDPMScheduler, "scheduler")
+    return tokenizer, text_encoder, vae, unet, noise_scheduler

@@ -1,0 +1,1 @@
+"""The sampling stage: sample folders, galleries, the synthesize export, the prompt panel."""

@@ -1,0 +1,265 @@
+"""Training checkpoints: save, find, prune, check and restore.
+
+A checkpoint (OUT/checkpoints/step-N) holds the LoRA, the optimizer and the LR schedule as
+safetensors + JSON, never a pickle, with the GradScaler and the run's identity in state.json:
+a run killed at any moment resumes with `--resume latest` and ends with the same weights as an
+uninterrupted run. On Kaggle, a checkpoint in an earlier session's attached output is adopted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..config.stages import TrainConfig, config_to_dict
+from ..core.environment import kaggle_input, on_kaggle
+from ..core.errors import CxrError
+from ..core.files import give_umask_modes, read_json, write_csv, write_json
+from ..core.ownership import file_digest
+
+LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]  # loss.csv, in the run and in each checkpoint
+CHECKPOINT_PARTS = ("lora.safetensors", "optimizer.safetensors", "optimizer.json", "loss.csv")
+# Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
+RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
+                     "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
+                     "mixed_precision", "snr_gamma", "noise_offset", "random_flip", "lora_dropout")
+# What a resumed run must share with its checkpoint beyond the settings: the same pairs, the
+# same base model files, the same number of processes (the LR schedule counts per-process
+# steps) and the same prediction type.
+RESUME_STATE_MUST_MATCH = ("pairs", "model_files", "processes", "prediction_type")
+TRAIN_KEEP = ("cache", "train_request.json")  # content-keyed cache; run_training's request for its children
+
+
+# ---------------------------------------------------------------- saving ---------------------
+
+def _lora_state(unet) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, device) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: None))
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    return sorted(folder.glob("step-[0-9]*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+
+
+def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: TrainConfig, loss_rows: list[dict],
+                    extra: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically (a temp dir renamed into place), then prune old ones.
+
+    If anything fails while writing, the temp dir is removed and the previous checkpoint stays.
+    """
+    from safetensors.torch import save_file
+
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = checkpoint_dirs(out)
+    try:
+        tmp.mkdir()
+        save_file(_lora_state(unet), str(tmp / "lora.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", meta)
+        write_csv(tmp / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        # state.json last, with a digest of every other part: a truncated or edited file is caught on resume.
+        files = {name: file_digest(tmp / name) for name in CHECKPOINT_PARTS}
+        write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                                        "config": config_to_dict(cfg), **(extra or {}), "files": files})
+        give_umask_modes(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = previous[-1] if previous else None
+        raise CxrError(f"could not write the checkpoint at step {step} ({exc.__class__.__name__}: {exc}); "
+                       + (f"the previous checkpoint {kept} is intact: free disk space and run again with --resume latest"
+                          if kept else "no earlier checkpoint exists: free disk space and start again")) from None
+    for old in checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- finding --------------------
+
+def attached_checkpoints() -> list[Path]:
+    """Checkpoints in earlier sessions' outputs attached as Kaggle inputs, newest step last.
+
+    A Kaggle session starts with an empty /kaggle/working: a run cut off by the session limit is
+    only found in that earlier output, mounted read-only under /kaggle/input.
+    """
+    root = kaggle_input()
+    if not on_kaggle() or not root.is_dir():
+        return []
+    found = [p for p in root.glob("**/train/checkpoints/step-[0-9]*")
+             if (p / "state.json").is_file() and (p / "lora.safetensors").is_file()]
+    return sorted(found, key=lambda p: (int(p.name.split("-")[1]), str(p)))
+
+
+def adopt_checkpoint(out: Path, source: Path) -> Path:
+    """Copy an attached checkpoint into OUT/checkpoints (atomically: temp dir, then rename)."""
+    target = out / "checkpoints" / source.name
+    tmp = target.with_name(f".tmp-adopt-{source.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    """The checkpoint `--resume` names: `latest` (here, else adopted from an attached earlier
+    session on Kaggle) or a checkpoint folder."""
+    if resume == "latest":
+        found = checkpoint_dirs(out)
+        # One process adopts (run_training does it before starting several).
+        if not found and int(os.environ.get("RANK", "0")) == 0 and (attached := attached_checkpoints()):
+            found = [adopt_checkpoint(out, attached[-1])]
+            print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
+                  flush=True)
+        if not found:
+            raise CxrError(f"--resume latest: {out / 'checkpoints'} holds no checkpoint"
+                           + (" and no attached input holds one" if on_kaggle() else "")
+                           + "; start without --resume" + (", or attach the earlier session's output of this notebook "
+                                                            "(Add Input > Your Work)" if on_kaggle() else ""))
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / "state.json").is_file() or not (path / "lora.safetensors").is_file():
+        raise CxrError(f"--resume {resume}: not a checkpoint folder (it needs state.json and lora.safetensors); "
+                       f"use --resume latest or a folder under {out / 'checkpoints'}")
+    return path
+
+
+# ---------------------------------------------------------------- checking -------------------
+
+def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
+    """The checkpoint's saved state, after checking it is whole and was made by a run like this
+    one (`run_state`: RESUME_STATE_MUST_MATCH values of the run about to start). Works on any
+    checkpoint folder, wherever it was found. One sentence per problem."""
+    name = f"--resume {checkpoint}"
+    missing = [part for part in ("state.json", *CHECKPOINT_PARTS) if not (checkpoint / part).is_file()]
+    if missing:
+        raise CxrError(f"{name}: the checkpoint lacks {', '.join(missing)} (incomplete or damaged); "
+                       "resume from an earlier checkpoint or start again with --overwrite")
+    try:
+        state = read_json(checkpoint / "state.json")
+        step = state["step"]
+        saved = state["config"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise CxrError(f"{name}: state.json is damaged ({exc.__class__.__name__}); resume from an earlier "
+                       "checkpoint or start again with --overwrite") from None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1 or not isinstance(saved, dict):
+        raise CxrError(f"{name}: state.json holds step {step!r}, not a positive step number; the file was edited")
+    if checkpoint.name.startswith("step-") and checkpoint.name != f"step-{step:07d}":
+        raise CxrError(f"{name}: the folder says step {checkpoint.name[5:].lstrip('0') or 0} and state.json "
+                       f"says step {step}; the checkpoint was edited or renamed: resume from another one")
+    for part, digest in (state.get("files") or {}).items():
+        if file_digest(checkpoint / part) != digest:
+            raise CxrError(f"{name}: {part} is not the file the run saved (truncated or edited); resume from "
+                           "an earlier checkpoint or start again with --overwrite")
+    mine = config_to_dict(cfg)
+    differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
+    if differ:
+        raise CxrError(f"{name}: the checkpoint was trained with different "
+                       f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
+                       "resume with the same settings or start a new --out")
+    differ = [k for k in RESUME_STATE_MUST_MATCH if k in state and state[k] != run_state.get(k)]
+    if differ:
+        what = {"pairs": "train pairs", "model_files": "base model files", "processes": "number of processes",
+                "prediction_type": "prediction type"}
+        raise CxrError(f"{name}: the checkpoint was made with other {', '.join(what[k] for k in differ)} ("
+                       + "; ".join(f"{k}: {state[k]!r} then, {run_state.get(k)!r} now" for k in differ)
+                       + "); resume it with the same inputs, or start a new --out")
+    unchecked = [k for k in RESUME_STATE_MUST_MATCH if k not in state]
+    if unchecked:
+        print(f"warning: {checkpoint} predates the resume checks of {', '.join(unchecked)}; make sure they are "
+              "the same as when it was written", flush=True)
+    return state
+
+
+def check_fresh_start(out: Path, identity: dict, overwrite: bool) -> None:
+    """A run without --resume: never into a folder holding another run's checkpoints or LoRA
+    (it would prune its own checkpoints in favour of the old ones); with --overwrite the old
+    run is moved aside first (the content-keyed cache stays)."""
+    from ..core.ownership import claim, move_aside
+
+    found = checkpoint_dirs(out)
+    if found or (out / "lora").exists():
+        where = f"checkpoints up to step {int(found[-1].name.split('-')[1])}" if found else "a trained LoRA"
+        finished = " (finished)" if (out / "lora").exists() else ""
+        if not overwrite:
+            raise CxrError(f"{out} holds a training run ({where}{finished}); continue it with --resume latest, "
+                           "start over with --overwrite (the old run is moved aside), or use another --out")
+        moved = move_aside(out, keep=TRAIN_KEEP)
+        print(f"--overwrite: moved the earlier run in {out} to {moved}", flush=True)
+    claim(out, "train", identity, overwrite, ignore=TRAIN_KEEP, keep=TRAIN_KEEP)
+
+
+# ---------------------------------------------------------------- restoring ------------------
+
+def restore_checkpoint(checkpoint: Path, state: dict, unet, optimizer, lr_scheduler, device) -> tuple[int, list[dict]]:
+    """Load the checkpoint's LoRA, optimizer and LR schedule into the run; returns its step and
+    loss rows. A checkpoint that does not load (damaged, or from before the digests) stops the
+    run with one sentence."""
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        set_peft_model_state_dict(unet, load_file(str(checkpoint / "lora.safetensors")))
+        cast_training_params(unet, dtype=torch.float32)
+        _restore_optimizer(optimizer, load_file(str(checkpoint / "optimizer.safetensors")),
+                           read_json(checkpoint / "optimizer.json"), device)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        loss_rows = pd.read_csv(checkpoint / "loss.csv").to_dict("records")
+    except Exception as exc:  # a checkpoint from before the digests, damaged: one sentence
+        raise CxrError(f"--resume {checkpoint}: the checkpoint does not load ({exc.__class__.__name__}: "
+                       f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from an earlier one "
+                       "or start again with --overwrite") from None
+    return int(state["step"]), loss_rows
+
+
+def grad_scaler_state(accelerator) -> dict | None:
+    """The fp16 loss scale as JSON (None without a GradScaler), for state.json."""
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    return _jsonable(scaler)
+
+
+def restore_grad_scaler(accelerator, state: dict | None) -> None:
+    """The fp16 loss scale where the checkpoint left it (after accelerator.prepare made the scaler)."""
+    if state is not None and state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])

@@ -1,0 +1,1 @@
+"""Running the suite: the notebooks through papermill, and Kaggle build and push."""
