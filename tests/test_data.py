@@ -7,7 +7,7 @@ from cxr_helpers.data import labels, tables
 from cxr_helpers.data import stage as prepare_stage
 from cxr_helpers.data import image_cache
 from cxr_helpers.config.stages import PrepareConfig
-from cxr_helpers.prepare_stage.prepare import prepare
+from cxr_helpers.data.stage import prepare
 from cxr_helpers.data.dataset import ChestXrayDataset
 from cxr_helpers.core.errors import CxrError
 from cxr_helpers.data.image_cache import resize_xray
