@@ -4,8 +4,8 @@
 
 Runs every notebook on the smoke preset (as the Quick start does), copies the figures a user
 sees into docs/pictures/ as small PNGs, and takes the prompt panel's picture in a real
-JupyterLab in headless Chromium by running tests/test_browser.py (needs the [browser] extra and
-a Chromium; --no-browser keeps the picture that is there).
+JupyterLab in headless Chromium by running tests/test_browser.py on the demo's pretrained base
+and LoRA (needs the [browser] extra and a Chromium; --no-browser keeps the picture that is there).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         print(f"{PICTURES / name} <- {out / figure}")
     if not args.no_browser:
         shot = out / "prompt_panel.png"
-        env = {**os.environ, "CXR_WIDGET_SCREENSHOT": str(shot)}
+        env = {**os.environ, "CXR_WIDGET_SCREENSHOT": str(shot), "CXR_WIDGET_DEMO_OUT": str(out)}  # the demo's films
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_browser.py")],
                        cwd=ROOT, env=env, check=True)
         if not shot.is_file():

@@ -5,7 +5,9 @@ the new images appear in the panel's output area.
 Needs the `[browser]` extra (jupyterlab, playwright) and a Chromium executable (`apt-get install
 chromium`, or CXR_CHROMIUM=PATH); skipped, with the reason, where either is missing. The
 screenshot is kept in the test's tmp folder, and copied to $CXR_WIDGET_SCREENSHOT when set
-(docs/make_pictures.py does that for the README).
+(docs/make_pictures.py does that for the README). With $CXR_WIDGET_DEMO_OUT set to the output
+folder of a finished demo (the README's first command), the panel runs on the demo's pretrained
+base and its trained LoRA, so the picture shows films; otherwise on the tests' random-weight model.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def lab_root(tmp_path_factory, tiny_model_dir, synth_dir):
     from cxr_helpers.training.stage import train
 
     root = tmp_path_factory.mktemp("lab")
+    demo = os.environ.get("CXR_WIDGET_DEMO_OUT")
+    if demo:  # the demo's pretrained base, its dataset, and its run's pairs and LoRA
+        from cxr_helpers.core.layout import DATA_STAGE_DIR, DEMO_INPUTS_DIR, TRAIN_STAGE_DIR
+
+        demo = Path(demo)
+        tiny_model_dir, synth_dir = demo / DEMO_INPUTS_DIR / "tiny_model", demo / DEMO_INPUTS_DIR / "synthetic_data"
+        for stage in (DATA_STAGE_DIR, TRAIN_STAGE_DIR):
+            shutil.copytree(demo / stage, root / "outputs" / stage, ignore=shutil.ignore_patterns("checkpoints"))
     # The committed notebook, with smaller galleries (as papermill's -p would set them): the panel
     # is what this test is about, and two CPU cores run the rest slowly.
     nb = nbformat.read(ROOT / "notebooks" / NOTEBOOK, as_version=4)
@@ -76,6 +86,8 @@ def lab_root(tmp_path_factory, tiny_model_dir, synth_dir):
         params.source = re.sub(rf"^{name} = [^#]*#", f"{name} = {value!r}  #", params.source, flags=re.M)
     nbformat.write(nb, root / NOTEBOOK)
     inputs = resolve_inputs("smoke", str(synth_dir), str(tiny_model_dir), out=root / "outputs", progress=False)
+    if demo:
+        return root, inputs
     pairs = prepared_pairs(inputs, progress=False)
     cfg = stage_config(TrainConfig, "smoke", pairs=str(pairs), data_dir=str(inputs.data_dir), model=inputs.model,
                        out=str(inputs.out / "train"), max_steps=2, checkpoint_every=0, validation_every=0)
