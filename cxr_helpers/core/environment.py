@@ -9,6 +9,8 @@ import platform
 import tempfile
 from pathlib import Path
 
+from .layout import CACHE_DIR
+
 # Kaggle's file system lives under /kaggle; CXR_KAGGLE_ROOT moves it (the offline rehearsal of a
 # Kaggle session in the tests lays one out in a temporary folder).
 KAGGLE_ROOT_ENV = "CXR_KAGGLE_ROOT"
@@ -54,7 +56,7 @@ def cache_root(out: str | os.PathLike) -> Path:
         return Path(os.environ["CXR_CACHE_DIR"])
     if on_kaggle():
         return Path(tempfile.gettempdir()) / "cxr-lora-cache"
-    return Path(out) / "cache"
+    return Path(out) / CACHE_DIR
 
 
 def can_reach(host: str, timeout: float = 3.0) -> bool:

@@ -22,7 +22,7 @@ from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..models.generation import check_lora_dir, generate, image_seed, load_sampling_pipeline
 from ..core.files import atomic_path, write_csv, write_json
-from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS
+from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
 from ..core.ownership import claim
 
 # Settings that change the pixels: a resumed run must share them with the images already there.
@@ -112,7 +112,7 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     counts = token_counts(pipe.tokenizer, prompts)
     check_prompt_lengths(counts, cfg.strict)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sample_config.json", {"stage": "sample", "settings": _settings(cfg),
+    write_json(out / SAMPLE_CONFIG_JSON, {"stage": "sample", "settings": _settings(cfg),
                                              "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
                                              "note": "safety checker off: it flags and blanks chest X-rays",
                                              "versions": library_versions()})
@@ -127,7 +127,7 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
         bar.update(len(batch))
     bar.close()
     metadata = pd.DataFrame(rows, columns=METADATA_COLUMNS)
-    write_csv(out / "metadata.csv", metadata)
+    write_csv(out / METADATA_CSV, metadata)
     return SampleResult(out, metadata, len(todo), len(rows) - len(todo))
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config.stages import TrainConfig
 from ..core.files import atomic_path
-from ..core.layout import CACHE_IMAGES_SUBDIR, image_path
+from ..core.layout import CACHE_IMAGES_SUBDIR, encodings_name, image_path
 from ..core.ownership import model_fingerprint
 
 ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")  # what the cached encodings depend on
@@ -71,7 +71,7 @@ def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Pat
     from safetensors.torch import load_file, save_file
 
     key = cache_key(cfg, pairs, data_dir, weight_dtype)
-    path = cache_dir / f"encodings-{key}.safetensors"
+    path = cache_dir / encodings_name(key)
     prompts = sorted(set(pairs["prompt"]))
     index = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([index[p] for p in pairs["prompt"]], dtype=torch.long)

@@ -33,7 +33,8 @@ from ..core.environment import cache_root
 from ..core.errors import CxrError
 from .validation import default_validation_prompts, validation_grid
 from ..core.files import read_json, write_csv
-from ..core.layout import SUMMARY_JSON
+from ..core.layout import (CHECKPOINT_STATE_JSON, FIGURES_DIR, LORA_CONFIG_JSON, LORA_SUBDIR, LOSS_CSV, LOSS_CURVE_PNG,
+                           SUMMARY_JSON, TRAIN_CONFIG_JSON, validation_grid_name)
 from .lora_export import save_lora
 from ..core.ownership import model_fingerprint, text_digest
 from .progress import progress_line, relayed
@@ -93,13 +94,13 @@ def finished_run(cfg: TrainConfig) -> TrainResult | None:
     if cfg.resume or cfg.overwrite or record is None or record.get("stage") != "train":
         return None
     try:
-        info = read_json(out / "lora" / "config.json")
+        info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
     except (OSError, ValueError):
         return None
     volatile = ("resume", "overwrite")
     same_settings = json.dumps({k: v for k, v in info.get("config", {}).items() if k not in volatile}, sort_keys=True) \
         == json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in volatile}, sort_keys=True, default=str)
-    if not same_settings or not (out / "loss.csv").is_file():
+    if not same_settings or not (out / LOSS_CSV).is_file():
         return None
     pairs = load_pairs(cfg.pairs)
     pairs = pairs[pairs["split"] == "train"]
@@ -113,10 +114,10 @@ def finished_run(cfg: TrainConfig) -> TrainResult | None:
 def result_from_disk(out: str | Path) -> TrainResult:
     """A finished run's result, read back from its files."""
     out = Path(out)
-    info = read_json(out / "lora" / "config.json")
-    loss = pd.read_csv(out / "loss.csv")
-    figures = sorted((out / "figures").glob("*.png"))
-    return TrainResult(out, out / "lora", int(info["steps_done"]), loss, False, -1, figures)
+    info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
+    loss = pd.read_csv(out / LOSS_CSV)
+    figures = sorted((out / FIGURES_DIR).glob("*.png"))
+    return TrainResult(out, out / LORA_SUBDIR, int(info["steps_done"]), loss, False, -1, figures)
 
 
 def _pairs_digest(pairs: pd.DataFrame) -> str:
@@ -160,7 +161,7 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps, processes)
     start_step, loss_rows = 0, []
     if resume_from is not None:
-        state = state or read_json(resume_from / "state.json")  # the other processes read it after the check
+        state = state or read_json(resume_from / CHECKPOINT_STATE_JSON)  # the other processes read it after the check
         start_step, loss_rows = restore_checkpoint(resume_from, state, unet, optimizer, lr_scheduler, device)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     restore_grad_scaler(accelerator, state)  # fp16 loss scale: resume where it was
@@ -204,8 +205,8 @@ def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
         return
     processes = accelerator.num_processes
     run.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.out / "train_config.json", max_steps=run.max_steps, processes=processes)
-    write_csv(run.out / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+    save_config(cfg, run.out / TRAIN_CONFIG_JSON, max_steps=run.max_steps, processes=processes)
+    write_csv(run.out / LOSS_CSV, pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
     device = accelerator.device
     where = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     cache_note = ("cache hit (nothing encoded)" if enc.hit
@@ -287,7 +288,7 @@ def _log_step(run: _Run, row: dict, bar) -> None:
         return
     if relayed():
         print(progress_line(row["step"], run.max_steps, row["loss"], row["images_per_s"]), flush=True)
-    with open(run.out / "loss.csv", "a") as handle:  # one line per step, readable while training
+    with open(run.out / LOSS_CSV, "a") as handle:  # one line per step, readable while training
         handle.write(",".join(repr(row[c]) for c in LOSS_COLUMNS) + "\n")
 
 
@@ -309,7 +310,7 @@ def _validate_now(run: _Run, step: int) -> None:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     with run.accelerator.autocast():
-        validation_grid(pipe, run.cfg, run.validation_prompts, run.out / "figures" / f"validation-step-{step:07d}.png",
+        validation_grid(pipe, run.cfg, run.validation_prompts, run.out / FIGURES_DIR / validation_grid_name(step),
                         f"validation at step {step}")
     run.unet.train()
 
@@ -324,15 +325,15 @@ def _finish(run: _Run, step: int, loss_rows: list[dict]) -> TrainResult:
     run.accelerator.wait_for_everyone()
     loss = pd.DataFrame(loss_rows, columns=LOSS_COLUMNS)
     figures: list[Path] = []
-    lora_dir = run.out / "lora"
+    lora_dir = run.out / LORA_SUBDIR
     if run.accelerator.is_main_process:
-        write_csv(run.out / "loss.csv", loss)  # the whole history, each step once
+        write_csv(run.out / LOSS_CSV, loss)  # the whole history, each step once
         _save_checkpoint(run, step, loss_rows)
         lora_dir = save_lora(run.out, run.accelerator.unwrap_model(run.unet), run.cfg, _lora_info(run, step, loss))
-        figures_dir = run.out / "figures"
-        plots.loss_curve(loss, save_to=figures_dir / "loss_curve.png")
+        figures_dir = run.out / FIGURES_DIR
+        plots.loss_curve(loss, save_to=figures_dir / LOSS_CURVE_PNG)
         _validate_now(run, step)
-        figures += [figures_dir / "loss_curve.png", figures_dir / f"validation-step-{step:07d}.png"]
+        figures += [figures_dir / LOSS_CURVE_PNG, figures_dir / validation_grid_name(step)]
     run.accelerator.end_training()
     return TrainResult(run.out, lora_dir, step, loss, run.enc.hit, run.enc.encoded_images, figures)
 
