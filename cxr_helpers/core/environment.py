@@ -41,6 +41,11 @@ def kaggle_working() -> Path:
     return kaggle_root() / "working"
 
 
+def is_main_process() -> bool:
+    """True outside `accelerate launch` / torchrun, and in its rank-0 process (they set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def offline() -> bool:
     """CXR_OFFLINE=1 (or HF_HUB_OFFLINE=1): never open a connection, treat every host as unreachable."""
     return any(os.environ.get(name, "0").lower() in ("1", "true", "yes") for name in ("CXR_OFFLINE", "HF_HUB_OFFLINE"))

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..config.stages import TrainConfig, config_to_dict
-from ..core.environment import kaggle_input, on_kaggle
+from ..core.environment import is_main_process, kaggle_input, on_kaggle
 from ..core.errors import CxrError
 from ..core.files import give_umask_modes, read_json, write_csv, write_json
 from ..core.layout import (CACHE_DIR, CHECKPOINT_GLOB, CHECKPOINT_LORA, CHECKPOINT_OPTIMIZER, CHECKPOINT_OPTIMIZER_JSON,
@@ -150,7 +150,7 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
         found = checkpoint_dirs(out)
         # One process adopts (run_training does it before starting several).
-        if not found and int(os.environ.get("RANK", "0")) == 0 and (attached := attached_checkpoints()):
+        if not found and is_main_process() and (attached := attached_checkpoints()):
             found = [adopt_checkpoint(out, attached[-1])]
             print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
                   flush=True)

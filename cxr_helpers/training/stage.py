@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_s
                           restore_grad_scaler, save_checkpoint)
 from ..config.stages import TrainConfig, config_to_dict, save_config
 from .encodings import Encodings, load_or_build_encodings
-from ..core.environment import cache_root
+from ..core.environment import cache_root, is_main_process
 from ..core.errors import CxrError
 from .validation import default_validation_prompts, validation_grid
 from ..core.files import read_json, write_csv
@@ -71,7 +70,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from ..core.ownership import folder_lock
 
     validate(cfg)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, one lock per run
+    main_process = is_main_process()  # under accelerate launch, one lock per run
     with folder_lock(cfg.out, "train run") if main_process else contextlib.nullcontext():
         finished = finished_run(cfg)
         if finished is not None:
