@@ -14,7 +14,7 @@ teach it what "cardiomegaly" or "left pleural effusion" look like. Two steps, as
    unrelated report (caption_films); the text tower stays as built (random, frozen), as
    SD1.5's CLIP stayed frozen.
 
-The films come from the demo's renderer (synthetic.py) but from their own seed stream, so the
+The films come from the demo's renderer (films.py) but from their own seed stream, so the
 base never sees a demo image. Deterministic for a seed on one machine and torch version.
 """
 
@@ -39,8 +39,8 @@ EMPTY_CAPTION_SHARE = 0.1  # per generic caption and per empty one
 DECOY_SHARE = 0.4  # another report's impression; the rest name the view
 BATCH = 32
 VAE_LR, UNET_LR = 2e-3, 1e-3
-# The base's films are drawn from a seed stream no demo dataset uses (synthetic.py seeds report
-# uid with [seed, uid]; these use [seed, _FILM_STREAM, i]).
+# The base's films are drawn from a seed stream no demo dataset uses (synthetic_dataset.py seeds
+# report uid with [seed, uid]; these use [seed, _FILM_STREAM, i]).
 _FILM_STREAM = 7_777
 
 

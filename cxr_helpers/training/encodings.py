@@ -3,7 +3,8 @@
 The VAE and the text encoder never change during training, so every training image's latent
 distribution (both flips when flipping is on) and every distinct prompt's embedding are computed
 once, saved as safetensors under a key of everything they depend on, and reused by every step
-and every later run (facts.md: the VAE encode alone is a third of the reference loop's step).
+and every later run (in a loop that encodes every step, the VAE encode alone is a third of
+the step's time).
 """
 
 from __future__ import annotations
