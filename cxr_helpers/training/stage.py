@@ -129,8 +129,7 @@ def _pairs_digest(pairs: pd.DataFrame) -> str:
 def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from ..data.tables import resolve_data_dir
 
-    # The inputs: settings, train pairs, the checkpoint to resume (if any).
-    validate(cfg)
+    # The inputs (the settings were checked by train): train pairs, the checkpoint to resume (if any).
     pairs_all, pairs = train_pairs(cfg)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
