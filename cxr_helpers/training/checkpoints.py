@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config.stages import TrainConfig, config_to_dict
+from ..config.stages import TrainConfig, config_to_dict, output_identity
 from ..core.environment import is_main_process, kaggle_input, on_kaggle
 from ..core.errors import CxrError
 from ..core.files import give_umask_modes, read_json, write_csv, write_json
@@ -27,11 +27,8 @@ from ..core.ownership import file_digest
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]  # loss.csv, in the run and in each checkpoint
 CHECKPOINT_PARTS = (CHECKPOINT_LORA, CHECKPOINT_OPTIMIZER, CHECKPOINT_OPTIMIZER_JSON, LOSS_CSV)
-# Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
-RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
-                     "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
-                     "mixed_precision", "snr_gamma", "noise_offset", "random_flip", "lora_dropout")
-# What a resumed run must share with its checkpoint beyond the settings: the same pairs, the
+# A resumed run must share with its checkpoint the settings that shape the weights (the config's
+# output_identity), or its weights mean nothing; and beyond the settings: the same pairs, the
 # same base model files, the same number of processes (the LR schedule counts per-process
 # steps) and the same prediction type.
 RESUME_STATE_MUST_MATCH = ("pairs", "model_files", "processes", "prediction_type")
@@ -171,8 +168,8 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 
 def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
     """The checkpoint's saved state, after checking it is whole and was made by a run like this
-    one (`run_state`: RESUME_STATE_MUST_MATCH values of the run about to start). Works on any
-    checkpoint folder, wherever it was found. One sentence per problem."""
+    one (the same output_identity; `run_state`: RESUME_STATE_MUST_MATCH values of the run about to
+    start). Works on any checkpoint folder, wherever it was found. One sentence per problem."""
     name = f"--resume {checkpoint}"
     missing = [part for part in (CHECKPOINT_STATE_JSON, *CHECKPOINT_PARTS) if not (checkpoint / part).is_file()]
     if missing:
@@ -195,8 +192,8 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
         if file_digest(checkpoint / part) != digest:
             raise CxrError(f"{name}: {part} is not the file the run saved (truncated or edited); resume from "
                            "an earlier checkpoint or start again with --overwrite")
-    mine = config_to_dict(cfg)
-    differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
+    mine = output_identity(cfg)
+    differ = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
     if differ:
         raise CxrError(f"{name}: the checkpoint was trained with different "
                        f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "

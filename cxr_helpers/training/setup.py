@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .checkpoints import RESUME_MUST_MATCH, check_fresh_start, check_resume
-from ..config.stages import TrainConfig, config_to_dict
+from .checkpoints import check_fresh_start, check_resume
+from ..config.stages import TrainConfig, output_identity
 from ..core.errors import CxrError
 from ..core.ownership import record_owner
 
@@ -69,7 +69,7 @@ def frozen_parts(model: str, device, weight_dtype):
 def claim_output(cfg: TrainConfig, out: Path, accelerator, resume_from: Path | None, run_state: dict) -> dict | None:
     """Before anything is written into OUT (main process): resume only a checkpoint of a run like
     this one; start fresh only where no other run is. Returns the checked checkpoint's state."""
-    identity = {**{k: config_to_dict(cfg)[k] for k in RESUME_MUST_MATCH}, **run_state}
+    identity = {**output_identity(cfg), **run_state}
     state = None
     if accelerator.is_main_process:
         if resume_from is not None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_scaler_state, restore_checkpoint,
                           restore_grad_scaler, save_checkpoint)
-from ..config.stages import TrainConfig, config_to_dict, save_config
+from ..config.stages import TrainConfig, output_identity, save_config
 from .encodings import Encodings, load_or_build_encodings
 from ..core.environment import cache_root, is_main_process
 from ..core.errors import CxrError
@@ -96,9 +96,9 @@ def finished_run(cfg: TrainConfig) -> TrainResult | None:
         info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
     except (OSError, ValueError):
         return None
-    volatile = ("resume", "overwrite")
-    same_settings = json.dumps({k: v for k, v in info.get("config", {}).items() if k not in volatile}, sort_keys=True) \
-        == json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in volatile}, sort_keys=True, default=str)
+    wanted, made = output_identity(cfg, finished=True), info.get("config", {})
+    same_settings = json.dumps({k: made.get(k) for k in wanted}, sort_keys=True) \
+        == json.dumps(wanted, sort_keys=True, default=str)
     if not same_settings or not (out / LOSS_CSV).is_file():
         return None
     pairs = load_pairs(cfg.pairs)
