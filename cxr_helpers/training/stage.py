@@ -13,7 +13,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_scaler_state, restore_checkpoint,
                           restore_grad_scaler, save_checkpoint)
-from ..config.stages import TrainConfig, output_identity, save_config
+from ..config.stages import TrainConfig, save_config
 from .encodings import Encodings, load_or_build_encodings
 from ..core.environment import cache_root, is_main_process
 from ..core.errors import CxrError
@@ -35,10 +34,10 @@ from ..core.files import read_json, write_csv
 from ..core.layout import (CHECKPOINT_STATE_JSON, FIGURES_DIR, LORA_CONFIG_JSON, LORA_SUBDIR, LOSS_CSV, LOSS_CURVE_PNG,
                            SUMMARY_JSON, TRAIN_CONFIG_JSON, validation_grid_name)
 from .lora_export import save_lora
-from ..core.ownership import model_fingerprint, text_digest
+from ..core.ownership import model_fingerprint
 from .progress import progress_line, relayed
-from .setup import (add_lora, claim_output, frozen_parts, make_accelerator, make_lr_scheduler, train_pairs,
-                    warn_mirrored_sides)
+from .setup import (add_lora, claim_output, frozen_parts, holds_finished_run, make_accelerator, make_lr_scheduler,
+                    pairs_digest, train_pairs, warn_mirrored_sides)
 from .step import batch_indices, diffusion_loss, sample_latents, step_generator
 
 
@@ -72,42 +71,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     validate(cfg)
     main_process = is_main_process()  # under accelerate launch, one lock per run
     with folder_lock(cfg.out, "train run") if main_process else contextlib.nullcontext():
-        finished = finished_run(cfg)
-        if finished is not None:
+        if holds_finished_run(cfg):
+            finished = result_from_disk(cfg.out)
             if main_process:
                 print(f"train: {cfg.out} already holds this run, finished at step {finished.steps_done} with the same "
                       "settings, pairs and base model; reusing its LoRA (--overwrite trains it again)", flush=True)
             return finished
         return _train(cfg, progress)
-
-
-def finished_run(cfg: TrainConfig) -> TrainResult | None:
-    """The run in cfg.out when it is finished and was made exactly as `cfg` would make it (same
-    settings, train pairs and base model files): rerunning a notebook or a command then reuses
-    it, as every other stage does with its own output. Anything else: None."""
-    from ..data.tables import load_pairs
-    from ..core.ownership import read_owner
-
-    out = Path(cfg.out)
-    record = read_owner(out) if out.is_dir() else None
-    if cfg.resume or cfg.overwrite or record is None or record.get("stage") != "train":
-        return None
-    try:
-        info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
-    except (OSError, ValueError):
-        return None
-    wanted, made = output_identity(cfg, finished=True), info.get("config", {})
-    same_settings = json.dumps({k: made.get(k) for k in wanted}, sort_keys=True) \
-        == json.dumps(wanted, sort_keys=True, default=str)
-    if not same_settings or not (out / LOSS_CSV).is_file():
-        return None
-    pairs = load_pairs(cfg.pairs)
-    pairs = pairs[pairs["split"] == "train"]
-    identity = record["identity"]
-    if identity.get("pairs") != _pairs_digest(pairs) \
-            or identity.get("model_files") != model_fingerprint(cfg.model):
-        return None
-    return result_from_disk(out)
 
 
 def result_from_disk(out: str | Path) -> TrainResult:
@@ -117,11 +87,6 @@ def result_from_disk(out: str | Path) -> TrainResult:
     loss = pd.read_csv(out / LOSS_CSV)
     figures = sorted((out / FIGURES_DIR).glob("*.png"))
     return TrainResult(out, out / LORA_SUBDIR, int(info["steps_done"]), loss, False, -1, figures)
-
-
-def _pairs_digest(pairs: pd.DataFrame) -> str:
-    """What a run's identity records of its train pairs: file names and prompts."""
-    return text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"]))
 
 
 # ---------------------------------------------------------------- the run, step by step ------
@@ -142,7 +107,7 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # Validation images (and the LoRA's config.json, which sample reads) use the trained target.
     noise_scheduler.register_to_config(prediction_type=prediction_type)
     # Claim OUT: resume only a checkpoint of a run like this one, start fresh only where no other run is.
-    run_state = {"pairs": _pairs_digest(pairs), "model_files": model_fingerprint(cfg.model), "processes": processes,
+    run_state = {"pairs": pairs_digest(pairs), "model_files": model_fingerprint(cfg.model), "processes": processes,
                  "prediction_type": prediction_type}
     state = claim_output(cfg, out, accelerator, resume_from, run_state)
     warn_mirrored_sides(cfg, pairs, accelerator)
