@@ -38,6 +38,10 @@ class Encodings:
     encoded_images: int
     encoded_prompts: int
 
+    def __len__(self) -> int:
+        """The number of pairs."""
+        return len(self.prompt_index)
+
 
 def cache_key(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, weight_dtype: torch.dtype) -> str:
     h = hashlib.sha256()

@@ -129,35 +129,53 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     restore_grad_scaler(accelerator, state)  # fp16 loss scale: resume where it was
     # Train, then save the LoRA and the figures.
-    run = _Run(cfg, out, accelerator, weight_dtype, (tokenizer, text_encoder, vae), unet, noise_scheduler,
-               prediction_type, enc, len(pairs), lora_params, optimizer, lr_scheduler, max_steps, run_state,
-               list(cfg.validation_prompts) or default_validation_prompts(pairs_all, data_dir=data_dir), per_step)
+    model = _Model(unet, noise_scheduler, prediction_type, weight_dtype, tokenizer, text_encoder, vae)
+    validation_prompts = list(cfg.validation_prompts) or default_validation_prompts(pairs_all, data_dir=data_dir)
+    run = _Run(cfg, out, accelerator, model, _Optimizer(lora_params, optimizer, lr_scheduler), enc, max_steps,
+               per_step, run_state, validation_prompts)
     _start_log(run, start_step, loss_rows)
     step = _train_loop(run, start_step, loss_rows, progress)
     return _finish(run, step, loss_rows)
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Model:
+    """What a step runs and a validation grid draws with: the UNet with its LoRA (prepared by
+    accelerate), the noise schedule it learns, and the frozen parts in the run's precision."""
+
+    unet: object
+    noise_scheduler: object  # with the trained prediction type registered
+    prediction_type: str
+    weight_dtype: torch.dtype
+    tokenizer: object
+    text_encoder: object
+    vae: object
+
+
+@dataclass(frozen=True)
+class _Optimizer:
+    """What moves the LoRA: its fp32 parameters, AdamW and the LR schedule (prepared by accelerate)."""
+
+    params: list
+    adamw: object
+    lr_schedule: object
+
+
+@dataclass(frozen=True)
 class _Run:
-    """What the loop and the end of a run share, once everything is set up."""
+    """What the loop and the end of a run read, fixed once everything is set up (the step and
+    the loss rows, which change, are the loop's own)."""
 
     cfg: TrainConfig
     out: Path
     accelerator: object
-    weight_dtype: torch.dtype
-    frozen: tuple  # tokenizer, text_encoder, vae: for the validation pipeline
-    unet: object  # prepared by accelerate
-    noise_scheduler: object
-    prediction_type: str
+    model: _Model
+    optim: _Optimizer
     enc: Encodings
-    n_pairs: int
-    lora_params: list
-    optimizer: object
-    lr_scheduler: object
     max_steps: int
+    per_step: int  # images per optimizer step, over every process
     run_state: dict  # the checks a resumed run must pass, saved in every checkpoint
     validation_prompts: list[str]
-    per_step: int  # images per optimizer step, over every process
 
 
 def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
@@ -175,8 +193,8 @@ def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
     cache_note = ("cache hit (nothing encoded)" if enc.hit
                   else f"cache miss (encoded {enc.encoded_images} images, {enc.encoded_prompts} prompts)")
     print(f"train: device {where}, precision {accelerator.mixed_precision}, trainable "
-          f"{sum(p.numel() for p in run.lora_params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
-          f"{run.max_steps}, {run.n_pairs} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
+          f"{sum(p.numel() for p in run.optim.params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
+          f"{run.max_steps}, {len(enc)} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
           f"accum {cfg.grad_accum} x {processes} process(es), {cache_note}", flush=True)
 
 
@@ -187,7 +205,7 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
     cfg, accelerator = run.cfg, run.accelerator
     bar = tqdm(total=run.max_steps, initial=step, desc="training",
                disable=relayed() or not (progress and accelerator.is_local_main_process))
-    run.unet.train()
+    run.model.unet.train()
     while step < run.max_steps:
         tic = time.perf_counter()
         # LoRA dropout, if any, replays on resume; each process draws its own masks.
@@ -197,8 +215,8 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
         step += 1
         # Log the step: loss.csv, the bar, and the progress line a relaying parent reads.
         elapsed = time.perf_counter() - tic
-        row = {"step": step, "loss": float(np.mean(losses)), "lr": run.lr_scheduler.get_last_lr()[0],
-               "epoch": step * run.per_step / run.n_pairs, "images_per_s": run.per_step / elapsed}
+        row = {"step": step, "loss": float(np.mean(losses)), "lr": run.optim.lr_schedule.get_last_lr()[0],
+               "epoch": step * run.per_step / len(run.enc), "images_per_s": run.per_step / elapsed}
         loss_rows.append(row)
         _log_step(run, row, bar)
         # Checkpoint and validation grid every so many steps (the last step's are written by _finish).
@@ -215,19 +233,19 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
 
 def _micro_batch(run: _Run, step: int, micro: int) -> float:
     """One micro-batch's forward and backward pass; returns its loss averaged over processes."""
-    cfg, accelerator, enc = run.cfg, run.accelerator, run.enc
+    cfg, accelerator, enc, model, optim = run.cfg, run.accelerator, run.enc, run.model, run.optim
     device, process, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
     # This micro-batch's randomness and rows come from (seed, step, micro, process): a resume replays them.
     gen = step_generator(cfg.seed, step, micro, process)
     position = (step * cfg.grad_accum + micro) * cfg.batch_size * processes + cfg.batch_size * process
-    rows = batch_indices(run.n_pairs, cfg.seed, position, cfg.batch_size)
+    rows = batch_indices(len(enc), cfg.seed, position, cfg.batch_size)
     flips = torch.rand(len(rows), generator=gen) < 0.5 if cfg.random_flip else None
     # Latents sampled from the cached VAE posteriors; the prompts' cached embeddings.
-    latents = sample_latents(enc, rows, gen, flips, run.frozen[2].config.scaling_factor).to(device, run.weight_dtype)
-    embeddings = enc.embeddings[enc.prompt_index[rows]].to(device, run.weight_dtype)
-    with accelerator.accumulate(run.unet), accelerator.autocast():
+    latents = sample_latents(enc, rows, gen, flips, model.vae.config.scaling_factor).to(device, model.weight_dtype)
+    embeddings = enc.embeddings[enc.prompt_index[rows]].to(device, model.weight_dtype)
+    with accelerator.accumulate(model.unet), accelerator.autocast():
         # Noise at random timesteps, the UNet's prediction, the loss.
-        loss = diffusion_loss(run.unet, run.noise_scheduler, latents, embeddings, gen, cfg, run.prediction_type)
+        loss = diffusion_loss(model.unet, model.noise_scheduler, latents, embeddings, gen, cfg, model.prediction_type)
         if not torch.isfinite(loss):
             kept = checkpoint_dirs(run.out)
             raise CxrError(
@@ -237,10 +255,10 @@ def _micro_batch(run: _Run, step: int, micro: int) -> float:
         # Backward; clip once gradients are synced; accelerate skips the optimizer steps in between.
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(run.lora_params, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            accelerator.clip_grad_norm_(optim.params, cfg.max_grad_norm)
+        optim.adamw.step()
+        optim.lr_schedule.step()
+        optim.adamw.zero_grad(set_to_none=True)
     return accelerator.gather(loss.detach().reshape(1)).mean().item()
 
 
@@ -256,8 +274,8 @@ def _log_step(run: _Run, row: dict, bar) -> None:
 
 
 def _save_checkpoint(run: _Run, step: int, loss_rows: list[dict]) -> None:
-    save_checkpoint(run.out, step, run.accelerator.unwrap_model(run.unet), run.optimizer, run.lr_scheduler, run.cfg,
-                    loss_rows, {**run.run_state, "grad_scaler": grad_scaler_state(run.accelerator)})
+    save_checkpoint(run.out, step, run.accelerator.unwrap_model(run.model.unet), run.optim.adamw, run.optim.lr_schedule,
+                    run.cfg, loss_rows, {**run.run_state, "grad_scaler": grad_scaler_state(run.accelerator)})
 
 
 def _validate_now(run: _Run, step: int) -> None:
@@ -266,16 +284,16 @@ def _validate_now(run: _Run, step: int) -> None:
 
     if not (run.accelerator.is_main_process and run.validation_prompts):
         return
-    tokenizer, text_encoder, vae = run.frozen
-    run.unet.eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=run.accelerator.unwrap_model(run.unet), scheduler=run.noise_scheduler,
+    model = run.model
+    model.unet.eval()
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=run.accelerator.unwrap_model(model.unet), scheduler=model.noise_scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     with run.accelerator.autocast():
         validation_grid(pipe, run.cfg, run.validation_prompts, run.out / FIGURES_DIR / validation_grid_name(step),
                         f"validation at step {step}")
-    run.unet.train()
+    model.unet.train()
 
 
 # ---------------------------------------------------------------- the end --------------------
@@ -292,7 +310,8 @@ def _finish(run: _Run, step: int, loss_rows: list[dict]) -> TrainResult:
     if run.accelerator.is_main_process:
         write_csv(run.out / LOSS_CSV, loss)  # the whole history, each step once
         _save_checkpoint(run, step, loss_rows)
-        lora_dir = save_lora(run.out, run.accelerator.unwrap_model(run.unet), run.cfg, _lora_info(run, step, loss))
+        unet = run.accelerator.unwrap_model(run.model.unet)
+        lora_dir = save_lora(run.out, unet, run.cfg, _lora_info(run, step, loss))
         figures_dir = run.out / FIGURES_DIR
         plots.loss_curve(loss, save_to=figures_dir / LOSS_CURVE_PNG)
         _validate_now(run, step)
@@ -305,9 +324,9 @@ def _lora_info(run: _Run, step: int, loss: pd.DataFrame) -> dict:
     """What the LoRA's config.json and model card say about the run."""
     summary_path = Path(run.cfg.pairs).parent / SUMMARY_JSON
     return {
-        "steps_done": step, "processes": run.accelerator.num_processes, "train_pairs": run.n_pairs,
+        "steps_done": step, "processes": run.accelerator.num_processes, "train_pairs": len(run.enc),
         "train_prompts": len(run.enc.embeddings),
         "final_loss": round(float(loss["loss"].tail(20).mean()), 5) if len(loss) else None,
-        "prediction_type": run.prediction_type, "encodings_cache": run.enc.key,
+        "prediction_type": run.model.prediction_type, "encodings_cache": run.enc.key,
         "data_summary": read_json(summary_path) if summary_path.is_file() else None,
     }
