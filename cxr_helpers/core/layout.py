@@ -66,7 +66,7 @@ CHECKPOINT_OPTIMIZER = "optimizer.safetensors"  # the optimizer's tensors ...
 CHECKPOINT_OPTIMIZER_JSON = "optimizer.json"  # ... and its param groups and scalars
 CHECKPOINT_STATE_JSON = "state.json"  # the step, the LR schedule, the run's checks; written last
 LOSS_CURVE_PNG = "loss_curve.png"  # in figures/
-CACHE_DIR = "cache"  # OUT/cache: resized images, latents, text embeddings, features (off Kaggle)
+CACHE_DIR = "cache"  # a stage's cache in its OUT, off Kaggle (core.environment.cache_root)
 
 
 def checkpoint_name(step: int) -> str:
