@@ -25,6 +25,7 @@ from ..core.files import atomic_path, write_csv, write_json
 from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
 from ..core.ownership import claim
 
+
 def upscale_image(image: Image.Image, size: int) -> Image.Image:
     """Lanczos upscaling (a proper resampling filter; no upscaler model is assumed offline)."""
     return image.resize((size, size), Image.Resampling.LANCZOS)
@@ -104,9 +105,9 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     check_prompt_lengths(counts, cfg.strict)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SAMPLE_CONFIG_JSON, {"stage": "sample", "settings": output_identity(cfg),
-                                             "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
-                                             "note": "safety checker off: it flags and blanks chest X-rays",
-                                             "versions": library_versions()})
+                                          "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
+                                          "note": "safety checker off: it flags and blanks chest X-rays",
+                                          "versions": library_versions()})
     rows = metadata_rows(cfg, prompts, counts)
     todo = [row for row in rows if not _written(out, row, cfg.upscale)]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="sampling", disable=not progress)
