@@ -1,8 +1,10 @@
-"""How a setting is declared: one dataclass field holds its type (the annotation), default, help
-and allowed values, and every config checks itself against them when built.
+"""How a setting is declared: one dataclass field holds its type (the annotation), default, help,
+allowed values and role (whether it shapes the stage's output), and every config checks itself
+against them when built.
 
 The CLI's flags (flags.py), the notebooks' configs, saved configs and the presets all derive from
-these declarations and pass through the same check.
+these declarations and pass through the same check; an output's identity (stages.output_identity)
+derives from the roles.
 """
 
 from __future__ import annotations
