@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .config.stages import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, SynthesizeConfig, TinyModelConfig,
                             TrainConfig, config_to_dict, load_config, stage_config)
+from .core.environment import is_main_process
 from .core.errors import CxrError
 from .config.flags import add_config_flags, given_values
 from .core.layout import EXCLUDED_CSV, PAIRS_CSV, SUMMARY_JSON
@@ -64,7 +64,7 @@ def _train(args) -> None:
     elif not values["pairs"] or not values["out"]:
         raise CxrError("train needs --pairs PAIRS_CSV and --out DIR (or --config-file FILE)")
     result = train(_config(TrainConfig, args, **values))
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not per process under accelerate/torchrun
+    if is_main_process():  # once, not per process under accelerate/torchrun
         print(f"trained {result.steps_done} steps; LoRA in {result.lora_dir} "
               f"(load with pipe.load_lora_weights); loss history {result.out / 'loss.csv'}")
 

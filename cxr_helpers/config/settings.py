@@ -1,8 +1,10 @@
-"""How a setting is declared: one dataclass field holds its type (the annotation), default, help
-and allowed values, and every config checks itself against them when built.
+"""How a setting is declared: one dataclass field holds its type (the annotation), default, help,
+allowed values and role (whether it shapes the stage's output), and every config checks itself
+against them when built.
 
 The CLI's flags (flags.py), the notebooks' configs, saved configs and the presets all derive from
-these declarations and pass through the same check.
+these declarations and pass through the same check; an output's identity (stages.output_identity)
+derives from the roles.
 """
 
 from __future__ import annotations
@@ -16,17 +18,27 @@ from typing import Any
 from ..core.errors import CxrError
 
 
+# What a setting is to the output its stage makes (its `role`; stages.output_identity reads it).
+SHAPES = "shapes"  # it changes what is made: a rerun into the same output must keep it (the default)
+RUN = "run"  # how far or how the run goes, what it shows, or where an input is read (the stage records
+#              the input's content apart): a rerun may change it and continue the output
+VOLATILE = "volatile"  # where the output goes, whether it may replace or resume one: never compared
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,
             max: float | None = None, above: float | None = None, below: float | None = None,
             choices: tuple | None = None, multiple_of: int | None = None, why: str = "",
-            flag: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+            flag: str = "", role: str = SHAPES, when: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its help and range: min/max inclusive, above/below exclusive.
 
-    flag: a command-line name other than the field's (kept where the flag predates the field)."""
+    flag: a command-line name other than the field's (kept where the flag predates the field).
+    role: SHAPES, RUN or VOLATILE, what the setting is to the stage's output.
+    when: the boolean setting without which this one does nothing (then it shapes nothing)."""
     rules = {k: v for k, v in dict(min=min, max=max, above=above, below=below, choices=choices,
                                    multiple_of=multiple_of).items() if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"rules": rules, "why": why, "help": help, "flag": flag})
+                             metadata={"rules": rules, "why": why, "help": help, "flag": flag, "role": role,
+                                       "when": when})
 
 
 def flag_name(name: str) -> str:

@@ -1,7 +1,7 @@
 """One dataclass per stage, and a JSON round trip.
 
-Each field is declared once with `setting`: its type (the annotation), default, help and allowed
-values; the CLI's flags (flags.py) and the notebooks' configs come from it. A stage's config is
+Each field is declared once with `setting`: its type (the annotation), default, help, allowed
+values and what it is to the stage's output (output_identity); the CLI's flags (flags.py) and the notebooks' configs come from it. A stage's config is
 built from its defaults, then the preset's values for that stage (presets.py), then what the user
 passed. It is saved as JSON beside every artifact the stage writes, with the library versions,
 so that any output says how it was made.
@@ -19,7 +19,7 @@ from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..core.files import read_user_json, write_json
 from .presets import SD15_MODEL_ID, preset_values
-from .settings import Checked, field_type, setting
+from .settings import RUN, SHAPES, VOLATILE, Checked, field_type, setting
 
 # The image-size rule and the fit modes, declared here (config imports no numpy: the install
 # cell's `check-gpu` runs before torch is fixed) and used by image_cache's checks.
@@ -38,12 +38,12 @@ class SynthConfig(Checked):
     """`synth`: a procedural dataset in the exact Kaggle layout (offline demo data)."""
 
     STAGE: ClassVar[str] = "synth"
-    out: str = setting("synthetic_data", help="output folder")
+    out: str = setting("synthetic_data", role=VOLATILE, help="output folder")
     reports: int = setting(400, min=1, help="number of reports (the real data has 3,955)")
     seed: int = setting(0, min=0, help="random seed")
     image_size: int = setting(512, min=64, help="typical long side of the PNGs in px (the real ones are ~2,000)")
     broken_images: int = setting(2, min=0, help="listed images made absent / truncated, to exercise prepare's checks")
-    overwrite: bool = setting(False, help=OVERWRITE_HELP)
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 @dataclass
@@ -51,17 +51,20 @@ class TinyModelConfig(Checked):
     """`tiny-model`: a tiny SD-shaped diffusers pipeline, random or pretrained on synthetic films."""
 
     STAGE: ClassVar[str] = "tiny_model"
-    out: str = setting("tiny_model", help="output folder")
+    out: str = setting("tiny_model", role=VOLATILE, help="output folder")
     seed: int = setting(0, min=0, help="random seed of the weights (and of the pretraining)")
     pretrain: bool = setting(False, help="train the VAE and the UNet on synthetic films under captions unrelated "
                              "to them (a base that draws films but knows no findings); off: random weights")
-    resolution: int = setting(64, multiple_of=2 * VAE_FACTOR,
+    resolution: int = setting(64, multiple_of=2 * VAE_FACTOR, when="pretrain",
                               why="the VAE trains on windows of half the film, and the VAE downsamples by 8",
                               help="film size in px for the pretraining")
-    films: int = setting(800, min=16, help="synthetic films the pretraining draws (its own, never the demo's)")
-    vae_steps: int = setting(400, min=1, help="VAE autoencoder steps (batch 32 windows of half the film size)")
-    unet_steps: int = setting(1200, min=1, help="UNet steps (batch 32, epsilon prediction, SD1.5's noise schedule)")
-    overwrite: bool = setting(False, help=OVERWRITE_HELP)
+    films: int = setting(800, min=16, when="pretrain",
+                         help="synthetic films the pretraining draws (its own, never the demo's)")
+    vae_steps: int = setting(400, min=1, when="pretrain",
+                             help="VAE autoencoder steps (batch 32 windows of half the film size)")
+    unet_steps: int = setting(1200, min=1, when="pretrain",
+                              help="UNet steps (batch 32, epsilon prediction, SD1.5's noise schedule)")
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PrepareConfig(Checked):
 
     STAGE: ClassVar[str] = "prepare"
     data_dir: str = setting("", help="dataset folder in the Kaggle layout; \"\" = the Kaggle mount when on Kaggle")
-    out: str = setting("data", help="output folder")
+    out: str = setting("data", role=VOLATILE, help="output folder")
     tokenizer: str = setting(SD15_MODEL_ID, help="hub id or local dir of a diffusers model (or a tokenizer dir)")
     split: str = setting("patient", choices=("patient", "image"), why="patient: no leak; image: the seed's",
                          help="patient: grouped by uid (no leak); image: the seed's random split")
@@ -81,7 +84,7 @@ class PrepareConfig(Checked):
     clean_prompts: bool = setting(False, help="strip XXXX marks, list numbers, stray punctuation")
     max_tokens: int = setting(CLIP_MAX_TOKENS, min=3, why="start, one word, end",
                               help="keep prompts of at most this many CLIP tokens, start and end included")
-    workers: int = setting(8, min=1, help="threads for the image header checks (I/O bound)")
+    workers: int = setting(8, min=1, role=RUN, help="threads for the image header checks (I/O bound)")
 
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet's attention projections
@@ -92,18 +95,19 @@ class TrainConfig(Checked):
     """`train`: LoRA on the UNet, VAE and text encoder frozen, on cached latents and embeddings."""
 
     STAGE: ClassVar[str] = "train"
-    pairs: str = setting("", help="pairs.csv from prepare (its train split is used)")
-    data_dir: str = setting("", help=DATA_DIR_HELP)
+    pairs: str = setting("", role=RUN, help="pairs.csv from prepare (its train split is used)")
+    data_dir: str = setting("", role=RUN, help=DATA_DIR_HELP)
     model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
-    out: str = setting("train", help="output folder: lora/, loss.csv, checkpoints/, figures/")
-    cache_dir: str = setting("", help=CACHE_HELP + ": latents, text embeddings, resized images")
+    out: str = setting("train", role=VOLATILE, help="output folder: lora/, loss.csv, checkpoints/, figures/")
+    cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": latents, text embeddings, resized images")
     resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="training image size in px")
     fit: str = setting("stretch", choices=FITS,
                        help="how a film becomes a square (stretch: the seed's)")
     batch_size: int = setting(4, min=1, help="images per step per process (per GPU)")
     grad_accum: int = setting(1, min=1, help="gradient accumulation steps")
-    max_steps: int = setting(1000, min=1, help="optimizer steps")
-    epochs: float | None = setting(None, above=0, help="train this many passes over the pairs (overrides --max-steps)")
+    max_steps: int = setting(1000, min=1, role=RUN, help="optimizer steps")
+    epochs: float | None = setting(None, above=0, role=RUN,
+                                   help="train this many passes over the pairs (overrides --max-steps)")
     learning_rate: float = setting(1e-4, above=0, help="AdamW learning rate")
     lr_scheduler: str = setting("constant", help="any diffusers.optimization name: constant, constant_with_warmup, "
                                 "cosine, linear, polynomial...")
@@ -116,23 +120,26 @@ class TrainConfig(Checked):
                                    help="fp16 needs a GPU, bf16 a card that has it")
     snr_gamma: float | None = setting(None, above=0, help="min-SNR loss weighting gamma (5.0 is the usual value)")
     noise_offset: float = setting(0.0, min=0.0, help="offset noise strength")
-    prediction_type: str = setting("", choices=("", "epsilon", "v_prediction"),
+    # RUN: the run's state records the prediction type this resolves to.
+    prediction_type: str = setting("", choices=("", "epsilon", "v_prediction"), role=RUN,
                                    help="\"\" = the scheduler's (SD1.5: epsilon)")
-    gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory)")
+    gradient_checkpointing: bool = setting(False, role=RUN,
+                                           help="recompute activations in the backward pass (less memory)")
     random_flip: bool = setting(False, help="mirror images at random (both flips are cached: free per step)")
     seed: int = setting(0, min=0, help="random seed")
-    max_grad_norm: float = setting(1.0, above=0, help="gradient clipping norm")
-    weight_decay: float = setting(1e-2, min=0, help="AdamW weight decay")
-    checkpoint_every: int = setting(500, min=0, help="write a checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = setting(2, min=1, help="keep the last K checkpoints")
-    resume: str = setting("", help="latest, or a checkpoint folder; \"\" = start afresh")
-    validation_every: int = setting(0, min=0, help="validation images every N steps "
+    # RUN although they act on the weights: a resume has always been free to change these two.
+    max_grad_norm: float = setting(1.0, above=0, role=RUN, help="gradient clipping norm")
+    weight_decay: float = setting(1e-2, min=0, role=RUN, help="AdamW weight decay")
+    checkpoint_every: int = setting(500, min=0, role=RUN, help="write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = setting(2, min=1, role=RUN, help="keep the last K checkpoints")
+    resume: str = setting("", role=VOLATILE, help="latest, or a checkpoint folder; \"\" = start afresh")
+    validation_every: int = setting(0, min=0, role=RUN, help="validation images every N steps "
                                     "(0: with every checkpoint, and at the end)")
-    validation_prompts: tuple[str, ...] = setting((), help="prompts for validation images; "
+    validation_prompts: tuple[str, ...] = setting((), role=RUN, help="prompts for validation images; "
                                                   "none = the most common test prompts")
-    validation_seeds: tuple[int, ...] = setting((0, 1), help="one validation image per prompt and seed")
-    validation_steps: int = setting(20, min=1, help="sampler steps for validation images")
-    overwrite: bool = setting(False, help=OVERWRITE_HELP)
+    validation_seeds: tuple[int, ...] = setting((0, 1), role=RUN, help="one validation image per prompt and seed")
+    validation_steps: int = setting(20, min=1, role=RUN, help="sampler steps for validation images")
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 @dataclass
@@ -142,26 +149,26 @@ class SampleConfig(Checked):
     STAGE: ClassVar[str] = "sample"
     model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
     lora: str = setting("", help="a LoRA folder (train's OUT/lora); \"\" = the base model alone")
-    out: str = setting("samples", help="output folder")
+    out: str = setting("samples", role=VOLATILE, help="output folder")
     # The flag kept its older name: --prompts is the file; the prompts themselves are --prompt.
-    prompts_file: str = setting("", flag="prompts", help="text file, one prompt per line")
-    pairs: str = setting("", help="or: pairs.csv, the prompts of --split (one per pair)")
-    split: str = setting("test", choices=("train", "test"), help="which split of --pairs")
-    n_per_prompt: int = setting(1, min=1, help="images per prompt (seeds SEED, SEED+1, ...)")
+    prompts_file: str = setting("", flag="prompts", role=RUN, help="text file, one prompt per line")
+    pairs: str = setting("", role=RUN, help="or: pairs.csv, the prompts of --split (one per pair)")
+    split: str = setting("test", choices=("train", "test"), role=RUN, help="which split of --pairs")
+    n_per_prompt: int = setting(1, min=1, role=RUN, help="images per prompt (seeds SEED, SEED+1, ...)")
     steps: int = setting(20, min=1, help="sampler steps")
     scheduler: str = setting("dpm++", choices=("dpm++", "ddim", "pndm", "euler"), help="sampler")
     guidance: float = setting(7.5, min=0, help="classifier-free guidance scale")
     negative_prompt: str = setting("", help="what the images should not show")
     lora_scale: float = setting(1.0, help="any finite value: 0 = the base model, 1 = the full LoRA")
-    batch_size: int = setting(8, min=1, help="images per pipeline call")
+    batch_size: int = setting(8, min=1, role=RUN, help="images per pipeline call")
     seed: int = setting(0, min=0, help="random seed of the first image of each prompt")
     resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="image size in px")
     upscale: int = setting(0, min=0, help="also write a copy upscaled to this size, e.g. 512 (0 = none)")
-    strict: bool = setting(False, help="refuse prompts over 77 CLIP tokens instead of truncating them")
-    limit: int | None = setting(None, min=1, help="only the first N prompts")
-    prompts: list[str] = setting(flag="prompt", default_factory=list,
+    strict: bool = setting(False, role=RUN, help="refuse prompts over 77 CLIP tokens instead of truncating them")
+    limit: int | None = setting(None, min=1, role=RUN, help="only the first N prompts")
+    prompts: list[str] = setting(flag="prompt", default_factory=list, role=RUN,
                                  help="prompts given directly (the notebooks, synthesize)")
-    overwrite: bool = setting(False, help=OVERWRITE_HELP)
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 @dataclass
@@ -169,12 +176,12 @@ class SynthesizeConfig(Checked):
     """`synthesize`: a synthetic dataset from a spec of prompts, in the Kaggle layout."""
 
     STAGE: ClassVar[str] = "synthesize"
-    spec: str = setting("", help="JSON: items of {prompt, count} or {label, templates, count}")
+    spec: str = setting("", role=RUN, help="JSON: items of {prompt, count} or {label, templates, count}")
     model: str | None = setting(None, help=MODEL_HELP + "; none = the spec's (else SD1.5)")
     lora: str | None = setting(None, help="a LoRA folder; none = the spec's, \"\" = the base model alone")
-    batch_size: int = setting(8, min=1, help="images per pipeline call")
-    out: str = setting("synthesized", help="output folder")
-    overwrite: bool = setting(False, help=OVERWRITE_HELP)
+    batch_size: int = setting(8, min=1, role=RUN, help="images per pipeline call")
+    out: str = setting("synthesized", role=VOLATILE, help="output folder")
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 @dataclass
@@ -187,7 +194,8 @@ class EvalConfig(Checked):
     data_dir: str = setting("", help=DATA_DIR_HELP)
     generated: tuple[str, ...] = setting((), help="sample folders (with metadata.csv): DIR or NAME=DIR, "
                                          "e.g. base=OUT/base fine-tuned=OUT/tuned")
-    out: str = setting("eval", help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
+    out: str = setting("eval", role=VOLATILE,
+                       help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
     metrics: tuple[str, ...] = setting(("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence"),
                                        help="which metrics: any of the default's, space- or comma-separated")
     feature_net: str = setting("inception", choices=("inception", "standin"),
@@ -217,9 +225,9 @@ class EvalConfig(Checked):
                                       "real test images' nearest-train similarities too")
     resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="image size in px the features are computed at")
     fit: str = setting("stretch", choices=FITS, help="how a film becomes a square")
-    cache_dir: str = setting("", help=CACHE_HELP + ": real-image features, resized images")
+    cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": real-image features, resized images")
     seed: int = setting(0, min=0, help="random seed of subsets and jackknife groups")
-    batch_size: int = setting(32, min=1, help="images per feature-network call")
+    batch_size: int = setting(32, min=1, role=RUN, help="images per feature-network call")
 
 
 STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig,
@@ -245,10 +253,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def output_identity(cfg: Any) -> dict[str, Any]:
-    """The settings that make a stage's output, not where it goes or whether it may replace
-    another: what an ownership record compares."""
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}
+def output_identity(cfg: Any, finished: bool = False) -> dict[str, Any]:
+    """The settings that shape a stage's output, as each one's declaration says (its role and
+    `when`): what an ownership record and a resume compare. finished: also the RUN settings,
+    which a rerun may change as it continues the output, but a finished output is reused only
+    when asked for as it was made."""
+    roles = (SHAPES, RUN) if finished else (SHAPES,)
+    values = config_to_dict(cfg)
+    return {f.name: values[f.name] for f in dataclasses.fields(cfg)
+            if f.metadata.get("role", SHAPES) in roles and (not f.metadata.get("when") or values[f.metadata["when"]])}
 
 
 def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:

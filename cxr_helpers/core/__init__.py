@@ -5,7 +5,7 @@ from .lazy import lazy_exports
 _WHERE = {
     **dict.fromkeys(['CxrError', 'library_reason'], 'errors'),
     **dict.fromkeys(['atomic_path', 'write_text', 'write_json', 'read_json', 'read_user_json', 'write_csv', 'save_figure'], 'files'),
-    **dict.fromkeys(['on_kaggle', 'offline', 'cache_root', 'library_versions'], 'environment'),
+    **dict.fromkeys(['on_kaggle', 'is_main_process', 'offline', 'cache_root', 'library_versions'], 'environment'),
     **dict.fromkeys(['claim', 'read_owner', 'folder_lock', 'file_digest'], 'ownership'),
 }
 __all__ = list(_WHERE)

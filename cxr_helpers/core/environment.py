@@ -9,6 +9,8 @@ import platform
 import tempfile
 from pathlib import Path
 
+from .layout import CACHE_DIR
+
 # Kaggle's file system lives under /kaggle; CXR_KAGGLE_ROOT moves it (the offline rehearsal of a
 # Kaggle session in the tests lays one out in a temporary folder).
 KAGGLE_ROOT_ENV = "CXR_KAGGLE_ROOT"
@@ -39,6 +41,11 @@ def kaggle_working() -> Path:
     return kaggle_root() / "working"
 
 
+def is_main_process() -> bool:
+    """True outside `accelerate launch` / torchrun, and in its rank-0 process (they set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def offline() -> bool:
     """CXR_OFFLINE=1 (or HF_HUB_OFFLINE=1): never open a connection, treat every host as unreachable."""
     return any(os.environ.get(name, "0").lower() in ("1", "true", "yes") for name in ("CXR_OFFLINE", "HF_HUB_OFFLINE"))
@@ -54,7 +61,7 @@ def cache_root(out: str | os.PathLike) -> Path:
         return Path(os.environ["CXR_CACHE_DIR"])
     if on_kaggle():
         return Path(tempfile.gettempdir()) / "cxr-lora-cache"
-    return Path(out) / "cache"
+    return Path(out) / CACHE_DIR
 
 
 def can_reach(host: str, timeout: float = 3.0) -> bool:

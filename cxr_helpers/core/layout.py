@@ -51,8 +51,45 @@ LORA_CONFIG_JSON = "config.json"  # in lora/: the base model, the training setti
 FIGURES_DIR = "figures"
 RECORDS_DIR = "records"  # OUT/records/NOTEBOOK.json: values the notebooks record for the tests
 DEMO_INPUTS_DIR = "demo_inputs"  # the offline presets' synthetic dataset and tiny model
+# ---------------------------------------------------------------- a training run's folder ---
+# OUT/train holds lora/ (LORA_* above), loss.csv, train_config.json, checkpoints/, figures/ and
+# cache/ (when the cache is not elsewhere).
+LOSS_CSV = "loss.csv"  # one row per optimizer step; each checkpoint holds its copy
+TRAIN_CONFIG_JSON = "train_config.json"  # the run's settings, its step count and processes
+TRAIN_REQUEST_JSON = "train_request.json"  # run_training's config for its accelerate children
+LORA_CARD = "README.md"  # in lora/: the model card
+CHECKPOINTS_DIR = "checkpoints"  # OUT/train/checkpoints/step-0000500, ...
+CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_GLOB = CHECKPOINT_PREFIX + "[0-9]*"
+CHECKPOINT_LORA = "lora.safetensors"  # in a checkpoint: the LoRA in peft's naming
+CHECKPOINT_OPTIMIZER = "optimizer.safetensors"  # the optimizer's tensors ...
+CHECKPOINT_OPTIMIZER_JSON = "optimizer.json"  # ... and its param groups and scalars
+CHECKPOINT_STATE_JSON = "state.json"  # the step, the LR schedule, the run's checks; written last
+LOSS_CURVE_PNG = "loss_curve.png"  # in figures/
+CACHE_DIR = "cache"  # a stage's cache in its OUT, off Kaggle (core.environment.cache_root)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    """The step a checkpoint folder's name says."""
+    return int(Path(folder).name[len(CHECKPOINT_PREFIX):])
+
+
+def validation_grid_name(step: int) -> str:
+    return f"validation-step-{step:07d}.png"
+
+
+def encodings_name(key: str) -> str:
+    """The cached encodings of a training set, under their cache key."""
+    return f"encodings-{key}.safetensors"
+
+
 # ---------------------------------------------------------------- a sample folder -----------
 METADATA_CSV = "metadata.csv"  # one row per generated image
+SAMPLE_CONFIG_JSON = "sample_config.json"  # the settings the images were made with
 METADATA_COLUMNS = ["file", "prompt", "prompt_index", "k", "seed", "steps", "scheduler", "guidance",
                     "negative_prompt", "lora_scale", "model", "lora", "resolution", "upscaled_file",
                     "n_tokens", "truncated"]

@@ -14,7 +14,7 @@ teach it what "cardiomegaly" or "left pleural effusion" look like. Two steps, as
    unrelated report (caption_films); the text tower stays as built (random, frozen), as
    SD1.5's CLIP stayed frozen.
 
-The films come from the demo's renderer (synthetic.py) but from their own seed stream, so the
+The films come from the demo's renderer (films.py) but from their own seed stream, so the
 base never sees a demo image. Deterministic for a seed on one machine and torch version.
 """
 
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config.stages import TinyModelConfig
+from ..config.stages import TinyModelConfig, TrainConfig
 from ..data.image_cache import resize_xray
+from ..training.step import diffusion_loss
 from .synthetic_dataset import draw_report, write_impression
 from .films import draw_patient, render
 
@@ -39,8 +40,8 @@ EMPTY_CAPTION_SHARE = 0.1  # per generic caption and per empty one
 DECOY_SHARE = 0.4  # another report's impression; the rest name the view
 BATCH = 32
 VAE_LR, UNET_LR = 2e-3, 1e-3
-# The base's films are drawn from a seed stream no demo dataset uses (synthetic.py seeds report
-# uid with [seed, uid]; these use [seed, _FILM_STREAM, i]).
+# The base's films are drawn from a seed stream no demo dataset uses (synthetic_dataset.py seeds
+# report uid with [seed, uid]; these use [seed, _FILM_STREAM, i]).
 _FILM_STREAM = 7_777
 
 
@@ -114,18 +115,17 @@ def train_vae(vae, films: torch.Tensor, cfg: TinyModelConfig, progress: bool = T
 
 def train_unet(unet, latents: torch.Tensor, captions: torch.Tensor, scheduler, cfg: TinyModelConfig,
                progress: bool = True) -> list[float]:
-    """Every UNet weight on (latent, caption embedding) pairs: epsilon prediction, as SD1.5."""
+    """Every UNet weight on (latent, caption embedding) pairs: epsilon prediction, as SD1.5, with
+    the train stage's loss at its defaults (no offset noise, no min-SNR weighting)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(unet.parameters(), lr=UNET_LR, weight_decay=0.0)
+    loss_settings = TrainConfig()
     unet.train()
     losses = []
     for _ in tqdm(range(cfg.unet_steps), desc="pretraining: UNet", disable=not progress):
         rows = torch.randint(0, len(latents), (BATCH,), generator=gen)
-        clean = latents[rows]
-        noise = torch.randn(clean.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,), generator=gen)
-        pred = unet(scheduler.add_noise(clean, noise, t), t, captions[rows]).sample
-        loss = F.mse_loss(pred, noise)
+        # The posterior means as they are (not sampled), at noise and timesteps drawn from `gen`.
+        loss = diffusion_loss(unet, scheduler, latents[rows], captions[rows], gen, loss_settings, "epsilon")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config.stages import CLIP_MAX_TOKENS, TinyModelConfig, save_config
+from ..config.stages import CLIP_MAX_TOKENS, TinyModelConfig, output_identity, save_config
 from ..core.layout import TINY_MODEL_CONFIG_JSON
 from ..models.tokenizer import CLIP_VOCAB_SIZE, load_tokenizer, write_clip_tokenizer
 
@@ -93,7 +93,7 @@ def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
 
     df_logging.set_verbosity_error()
     out = Path(cfg.out)
-    claim(out, "tiny_model", _identity(cfg), cfg.overwrite)  # never into a folder it did not make
+    claim(out, "tiny_model", output_identity(cfg), cfg.overwrite)  # never into a folder it did not make
     pipe = build_tiny_pipeline(cfg.seed)
     pretraining = {}
     if cfg.pretrain:
@@ -111,15 +111,6 @@ def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
     return out
 
 
-def _identity(cfg: TinyModelConfig) -> dict:
-    """The settings that make the weights (not where they go). Random weights: the seed alone."""
-    from ..config.stages import output_identity
-
-    if not cfg.pretrain:
-        return {"seed": cfg.seed, "pretrain": False}
-    return output_identity(cfg)
-
-
 def tiny_model_is_built(out: str | Path, cfg: TinyModelConfig) -> bool:
     """True when `out` holds a complete tiny model made with `cfg`'s settings (so it can be reused)."""
     from ..core.ownership import read_owner
@@ -128,4 +119,4 @@ def tiny_model_is_built(out: str | Path, cfg: TinyModelConfig) -> bool:
     if not ((out / TINY_MODEL_CONFIG_JSON).is_file() and (out / "model_index.json").is_file()):
         return False  # the config is written last: without it the model is not complete
     record = read_owner(out)
-    return record is not None and record["stage"] == "tiny_model" and record["identity"] == _identity(cfg)
+    return record is not None and record["stage"] == "tiny_model" and record["identity"] == output_identity(cfg)

@@ -17,17 +17,13 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config.stages import CLIP_MAX_TOKENS, SampleConfig
+from ..config.stages import CLIP_MAX_TOKENS, SampleConfig, output_identity
 from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..models.generation import check_lora_dir, generate, image_seed, load_sampling_pipeline
 from ..core.files import atomic_path, write_csv, write_json
-from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS
+from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
 from ..core.ownership import claim
-
-# Settings that change the pixels: a resumed run must share them with the images already there.
-IMAGE_SETTINGS = ("model", "lora", "steps", "scheduler", "guidance", "negative_prompt", "lora_scale",
-                  "seed", "resolution", "upscale")
 
 
 def upscale_image(image: Image.Image, size: int) -> Image.Image:
@@ -73,10 +69,6 @@ def validate(cfg: SampleConfig) -> None:
         raise CxrError(f"--upscale {cfg.upscale} is smaller than --resolution {cfg.resolution}; use 0 or a larger size")
 
 
-def _settings(cfg: SampleConfig) -> dict:
-    return {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
-
-
 def sample_identity(cfg: SampleConfig) -> dict:
     """What the images in a sample folder depend on (not n_per_prompt or limit: image k of
     prompt i is the same whatever they are)."""
@@ -84,7 +76,7 @@ def sample_identity(cfg: SampleConfig) -> dict:
 
     from ..core.ownership import file_digest, model_fingerprint, text_digest
 
-    identity = _settings(cfg)
+    identity = output_identity(cfg)  # the settings that change the pixels
     identity["prompts"] = text_digest(read_prompts(replace(cfg, limit=None)))
     identity["model_files"] = model_fingerprint(cfg.model)
     identity["lora_weights"] = file_digest(check_lora_dir(cfg.lora) / LORA_WEIGHTS)[:20] if cfg.lora else ""
@@ -112,10 +104,10 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     counts = token_counts(pipe.tokenizer, prompts)
     check_prompt_lengths(counts, cfg.strict)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sample_config.json", {"stage": "sample", "settings": _settings(cfg),
-                                             "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
-                                             "note": "safety checker off: it flags and blanks chest X-rays",
-                                             "versions": library_versions()})
+    write_json(out / SAMPLE_CONFIG_JSON, {"stage": "sample", "settings": output_identity(cfg),
+                                          "config": {k: v for k, v in vars(cfg).items() if k != "prompts"},
+                                          "note": "safety checker off: it flags and blanks chest X-rays",
+                                          "versions": library_versions()})
     rows = metadata_rows(cfg, prompts, counts)
     todo = [row for row in rows if not _written(out, row, cfg.upscale)]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="sampling", disable=not progress)
@@ -127,7 +119,7 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
         bar.update(len(batch))
     bar.close()
     metadata = pd.DataFrame(rows, columns=METADATA_COLUMNS)
-    write_csv(out / "metadata.csv", metadata)
+    write_csv(out / METADATA_CSV, metadata)
     return SampleResult(out, metadata, len(todo), len(rows) - len(todo))
 
 

@@ -16,23 +16,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config.stages import TrainConfig, config_to_dict
-from ..core.environment import kaggle_input, on_kaggle
+from ..config.stages import TrainConfig, config_to_dict, output_identity
+from ..core.environment import is_main_process, kaggle_input, on_kaggle
 from ..core.errors import CxrError
 from ..core.files import give_umask_modes, read_json, write_csv, write_json
+from ..core.layout import (CACHE_DIR, CHECKPOINT_GLOB, CHECKPOINT_LORA, CHECKPOINT_OPTIMIZER, CHECKPOINT_OPTIMIZER_JSON,
+                           CHECKPOINT_PREFIX, CHECKPOINT_STATE_JSON, CHECKPOINTS_DIR, LORA_SUBDIR, LOSS_CSV,
+                           TRAIN_REQUEST_JSON, TRAIN_STAGE_DIR, checkpoint_name, checkpoint_step)
 from ..core.ownership import file_digest
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]  # loss.csv, in the run and in each checkpoint
-CHECKPOINT_PARTS = ("lora.safetensors", "optimizer.safetensors", "optimizer.json", "loss.csv")
-# Settings a resumed run must share with the checkpoint it resumes (or its weights mean nothing).
-RESUME_MUST_MATCH = ("model", "resolution", "fit", "batch_size", "grad_accum", "learning_rate",
-                     "lr_scheduler", "lr_warmup_steps", "rank", "alpha", "target_modules", "seed",
-                     "mixed_precision", "snr_gamma", "noise_offset", "random_flip", "lora_dropout")
-# What a resumed run must share with its checkpoint beyond the settings: the same pairs, the
+CHECKPOINT_PARTS = (CHECKPOINT_LORA, CHECKPOINT_OPTIMIZER, CHECKPOINT_OPTIMIZER_JSON, LOSS_CSV)
+# A resumed run must share with its checkpoint the settings that shape the weights (the config's
+# output_identity), or its weights mean nothing; and beyond the settings: the same pairs, the
 # same base model files, the same number of processes (the LR schedule counts per-process
 # steps) and the same prediction type.
 RESUME_STATE_MUST_MATCH = ("pairs", "model_files", "processes", "prediction_type")
-TRAIN_KEEP = ("cache", "train_request.json")  # content-keyed cache; run_training's request for its children
+TRAIN_KEEP = (CACHE_DIR, TRAIN_REQUEST_JSON)  # content-keyed cache; run_training's request for its children
 
 
 # ---------------------------------------------------------------- saving ---------------------
@@ -71,8 +71,8 @@ def _jsonable(obj):
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    return sorted(folder.glob("step-[0-9]*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    folder = out / CHECKPOINTS_DIR
+    return sorted(folder.glob(CHECKPOINT_GLOB), key=checkpoint_step) if folder.is_dir() else []
 
 
 def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: TrainConfig, loss_rows: list[dict],
@@ -83,22 +83,22 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: Tr
     """
     from safetensors.torch import save_file
 
-    folder = out / "checkpoints"
+    folder = out / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    final = folder / checkpoint_name(step)
+    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     previous = checkpoint_dirs(out)
     try:
         tmp.mkdir()
-        save_file(_lora_state(unet), str(tmp / "lora.safetensors"))
+        save_file(_lora_state(unet), str(tmp / CHECKPOINT_LORA))
         tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "optimizer.json", meta)
-        write_csv(tmp / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+        save_file(tensors, str(tmp / CHECKPOINT_OPTIMIZER))
+        write_json(tmp / CHECKPOINT_OPTIMIZER_JSON, meta)
+        write_csv(tmp / LOSS_CSV, pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
         # state.json last, with a digest of every other part: a truncated or edited file is caught on resume.
         files = {name: file_digest(tmp / name) for name in CHECKPOINT_PARTS}
-        write_json(tmp / "state.json", {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+        write_json(tmp / CHECKPOINT_STATE_JSON, {"step": step, "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
                                         "config": config_to_dict(cfg), **(extra or {}), "files": files})
         give_umask_modes(tmp)
         if final.exists():
@@ -126,14 +126,14 @@ def attached_checkpoints() -> list[Path]:
     root = kaggle_input()
     if not on_kaggle() or not root.is_dir():
         return []
-    found = [p for p in root.glob("**/train/checkpoints/step-[0-9]*")
-             if (p / "state.json").is_file() and (p / "lora.safetensors").is_file()]
-    return sorted(found, key=lambda p: (int(p.name.split("-")[1]), str(p)))
+    found = [p for p in root.glob(f"**/{TRAIN_STAGE_DIR}/{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+             if (p / CHECKPOINT_STATE_JSON).is_file() and (p / CHECKPOINT_LORA).is_file()]
+    return sorted(found, key=lambda p: (checkpoint_step(p), str(p)))
 
 
 def adopt_checkpoint(out: Path, source: Path) -> Path:
     """Copy an attached checkpoint into OUT/checkpoints (atomically: temp dir, then rename)."""
-    target = out / "checkpoints" / source.name
+    target = out / CHECKPOINTS_DIR / source.name
     tmp = target.with_name(f".tmp-adopt-{source.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
@@ -147,20 +147,20 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
         found = checkpoint_dirs(out)
         # One process adopts (run_training does it before starting several).
-        if not found and int(os.environ.get("RANK", "0")) == 0 and (attached := attached_checkpoints()):
+        if not found and is_main_process() and (attached := attached_checkpoints()):
             found = [adopt_checkpoint(out, attached[-1])]
             print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
                   flush=True)
         if not found:
-            raise CxrError(f"--resume latest: {out / 'checkpoints'} holds no checkpoint"
+            raise CxrError(f"--resume latest: {out / CHECKPOINTS_DIR} holds no checkpoint"
                            + (" and no attached input holds one" if on_kaggle() else "")
                            + "; start without --resume" + (", or attach the earlier session's output of this notebook "
                                                             "(Add Input > Your Work)" if on_kaggle() else ""))
         return found[-1]
     path = Path(resume).expanduser()
-    if not (path / "state.json").is_file() or not (path / "lora.safetensors").is_file():
-        raise CxrError(f"--resume {resume}: not a checkpoint folder (it needs state.json and lora.safetensors); "
-                       f"use --resume latest or a folder under {out / 'checkpoints'}")
+    if not (path / CHECKPOINT_STATE_JSON).is_file() or not (path / CHECKPOINT_LORA).is_file():
+        raise CxrError(f"--resume {resume}: not a checkpoint folder (it needs {CHECKPOINT_STATE_JSON} and "
+                       f"{CHECKPOINT_LORA}); use --resume latest or a folder under {out / CHECKPOINTS_DIR}")
     return path
 
 
@@ -168,15 +168,15 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 
 def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
     """The checkpoint's saved state, after checking it is whole and was made by a run like this
-    one (`run_state`: RESUME_STATE_MUST_MATCH values of the run about to start). Works on any
-    checkpoint folder, wherever it was found. One sentence per problem."""
+    one (the same output_identity; `run_state`: RESUME_STATE_MUST_MATCH values of the run about to
+    start). Works on any checkpoint folder, wherever it was found. One sentence per problem."""
     name = f"--resume {checkpoint}"
-    missing = [part for part in ("state.json", *CHECKPOINT_PARTS) if not (checkpoint / part).is_file()]
+    missing = [part for part in (CHECKPOINT_STATE_JSON, *CHECKPOINT_PARTS) if not (checkpoint / part).is_file()]
     if missing:
         raise CxrError(f"{name}: the checkpoint lacks {', '.join(missing)} (incomplete or damaged); "
                        "resume from an earlier checkpoint or start again with --overwrite")
     try:
-        state = read_json(checkpoint / "state.json")
+        state = read_json(checkpoint / CHECKPOINT_STATE_JSON)
         step = state["step"]
         saved = state["config"]
     except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -184,15 +184,16 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
                        "checkpoint or start again with --overwrite") from None
     if not isinstance(step, int) or isinstance(step, bool) or step < 1 or not isinstance(saved, dict):
         raise CxrError(f"{name}: state.json holds step {step!r}, not a positive step number; the file was edited")
-    if checkpoint.name.startswith("step-") and checkpoint.name != f"step-{step:07d}":
-        raise CxrError(f"{name}: the folder says step {checkpoint.name[5:].lstrip('0') or 0} and state.json "
+    if checkpoint.name.startswith(CHECKPOINT_PREFIX) and checkpoint.name != checkpoint_name(step):
+        raise CxrError(f"{name}: the folder says step {checkpoint.name[len(CHECKPOINT_PREFIX):].lstrip('0') or 0} "
+                       f"and state.json "
                        f"says step {step}; the checkpoint was edited or renamed: resume from another one")
     for part, digest in (state.get("files") or {}).items():
         if file_digest(checkpoint / part) != digest:
             raise CxrError(f"{name}: {part} is not the file the run saved (truncated or edited); resume from "
                            "an earlier checkpoint or start again with --overwrite")
-    mine = config_to_dict(cfg)
-    differ = [k for k in RESUME_MUST_MATCH if json.dumps(saved.get(k)) != json.dumps(mine.get(k))]
+    mine = output_identity(cfg)
+    differ = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
     if differ:
         raise CxrError(f"{name}: the checkpoint was trained with different "
                        f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
@@ -218,9 +219,9 @@ def check_fresh_start(out: Path, identity: dict, overwrite: bool) -> None:
     from ..core.ownership import claim, move_aside
 
     found = checkpoint_dirs(out)
-    if found or (out / "lora").exists():
-        where = f"checkpoints up to step {int(found[-1].name.split('-')[1])}" if found else "a trained LoRA"
-        finished = " (finished)" if (out / "lora").exists() else ""
+    if found or (out / LORA_SUBDIR).exists():
+        where = f"checkpoints up to step {checkpoint_step(found[-1])}" if found else "a trained LoRA"
+        finished = " (finished)" if (out / LORA_SUBDIR).exists() else ""
         if not overwrite:
             raise CxrError(f"{out} holds a training run ({where}{finished}); continue it with --resume latest, "
                            "start over with --overwrite (the old run is moved aside), or use another --out")
@@ -240,12 +241,12 @@ def restore_checkpoint(checkpoint: Path, state: dict, unet, optimizer, lr_schedu
     from safetensors.torch import load_file
 
     try:
-        set_peft_model_state_dict(unet, load_file(str(checkpoint / "lora.safetensors")))
+        set_peft_model_state_dict(unet, load_file(str(checkpoint / CHECKPOINT_LORA)))
         cast_training_params(unet, dtype=torch.float32)
-        _restore_optimizer(optimizer, load_file(str(checkpoint / "optimizer.safetensors")),
-                           read_json(checkpoint / "optimizer.json"), device)
+        _restore_optimizer(optimizer, load_file(str(checkpoint / CHECKPOINT_OPTIMIZER)),
+                           read_json(checkpoint / CHECKPOINT_OPTIMIZER_JSON), device)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        loss_rows = pd.read_csv(checkpoint / "loss.csv").to_dict("records")
+        loss_rows = pd.read_csv(checkpoint / LOSS_CSV).to_dict("records")
     except Exception as exc:  # a checkpoint from before the digests, damaged: one sentence
         raise CxrError(f"--resume {checkpoint}: the checkpoint does not load ({exc.__class__.__name__}: "
                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from an earlier one "

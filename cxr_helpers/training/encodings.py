@@ -3,7 +3,8 @@
 The VAE and the text encoder never change during training, so every training image's latent
 distribution (both flips when flipping is on) and every distinct prompt's embedding are computed
 once, saved as safetensors under a key of everything they depend on, and reused by every step
-and every later run (facts.md: the VAE encode alone is a third of the reference loop's step).
+and every later run (in a loop that encodes every step, the VAE encode alone is a third of
+the step's time).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config.stages import TrainConfig
 from ..core.files import atomic_path
-from ..core.layout import CACHE_IMAGES_SUBDIR, image_path
+from ..core.layout import CACHE_IMAGES_SUBDIR, encodings_name, image_path
 from ..core.ownership import model_fingerprint
 
 ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")  # what the cached encodings depend on
@@ -36,6 +37,10 @@ class Encodings:
     hit: bool  # True when read from the cache, nothing encoded
     encoded_images: int
     encoded_prompts: int
+
+    def __len__(self) -> int:
+        """The number of pairs."""
+        return len(self.prompt_index)
 
 
 def cache_key(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, weight_dtype: torch.dtype) -> str:
@@ -71,7 +76,7 @@ def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Pat
     from safetensors.torch import load_file, save_file
 
     key = cache_key(cfg, pairs, data_dir, weight_dtype)
-    path = cache_dir / f"encodings-{key}.safetensors"
+    path = cache_dir / encodings_name(key)
     prompts = sorted(set(pairs["prompt"]))
     index = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([index[p] for p in pairs["prompt"]], dtype=torch.long)

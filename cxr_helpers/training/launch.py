@@ -13,6 +13,7 @@ import torch
 from .checkpoints import find_checkpoint
 from ..config.stages import TrainConfig, save_config
 from ..core.errors import CxrError
+from ..core.layout import TRAIN_REQUEST_JSON
 from .progress import PROGRESS_LINES_ENV, relay_output
 from .stage import TrainResult, result_from_disk, train, validate
 
@@ -27,7 +28,7 @@ def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool 
     validate(cfg)
     if cfg.resume == "latest":
         find_checkpoint(Path(cfg.out), "latest")  # copy an attached earlier session's checkpoint here, once
-    request = Path(cfg.out) / "train_request.json"
+    request = Path(cfg.out) / TRAIN_REQUEST_JSON
     save_config(cfg, request)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--mixed_precision", cfg.mixed_precision, "-m", "cxr_helpers", "train", "--config-file", str(request)]

@@ -12,7 +12,7 @@ import torch
 from ..config.stages import TrainConfig, config_to_dict
 from ..core.environment import library_versions
 from ..core.files import give_umask_modes, write_json, write_text
-from ..core.layout import LORA_WEIGHTS
+from ..core.layout import LORA_CARD, LORA_CONFIG_JSON, LORA_SUBDIR, LORA_WEIGHTS
 
 
 def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:
@@ -21,15 +21,15 @@ def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    target = out / "lora"
+    target = out / LORA_SUBDIR
     tmp = out / f".tmp-lora-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, weight_name=LORA_WEIGHTS)
-    write_json(tmp / "config.json", {"base_model": cfg.model, "config": config_to_dict(cfg), **info,
+    write_json(tmp / LORA_CONFIG_JSON, {"base_model": cfg.model, "config": config_to_dict(cfg), **info,
                                      "versions": library_versions()})
-    write_text(tmp / "README.md", model_card(cfg, info))
+    write_text(tmp / LORA_CARD, model_card(cfg, info))
     give_umask_modes(tmp)
     old = out / f".old-lora-{os.getpid()}"
     if target.exists():
@@ -59,7 +59,7 @@ makes {cfg.resolution} x {cfg.resolution} chest X-rays from radiology impression
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{cfg.model}", safety_checker=None, requires_safety_checker=False)
 # weight_name: older diffusers (0.32 among them) need it to load a folder offline
-pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")
+pipe.load_lora_weights("path/to/this/folder", weight_name="{LORA_WEIGHTS}")
 image = pipe("Cardiomegaly without acute pulmonary disease.", height={cfg.resolution}, width={cfg.resolution}).images[0]
 ```
 
@@ -82,7 +82,7 @@ Radiology impressions as written in the reports: "No acute cardiopulmonary abnor
 
 {info.get('steps_done')} steps, batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {info.get('processes', 1)} process(es),
 learning rate {cfg.learning_rate} ({cfg.lr_scheduler}), precision {cfg.mixed_precision}, seed {cfg.seed};
-final loss {info.get('final_loss')}. Full settings and library versions: `config.json`.
+final loss {info.get('final_loss')}. Full settings and library versions: `{LORA_CONFIG_JSON}`.
 
 ## Limits
 

@@ -1,17 +1,21 @@
-"""Setting up a training run: its pairs, accelerate, the frozen SD1.5 parts, the output folder's
-claim, the LoRA adapter and the LR schedule. train._train calls these in order."""
+"""Setting up a training run: its pairs, accelerate, the frozen SD1.5 parts, the output folder
+(a finished run there to reuse, else its claim), the LoRA adapter and the LR schedule. The stage
+(stage.py) calls these in order."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .checkpoints import RESUME_MUST_MATCH, check_fresh_start, check_resume
-from ..config.stages import TrainConfig, config_to_dict
+from .checkpoints import check_fresh_start, check_resume
+from ..config.stages import TrainConfig, output_identity
 from ..core.errors import CxrError
-from ..core.ownership import record_owner
+from ..core.files import read_json
+from ..core.layout import LORA_CONFIG_JSON, LORA_SUBDIR, LOSS_CSV
+from ..core.ownership import model_fingerprint, record_owner, text_digest
 
 
 def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -23,6 +27,37 @@ def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if pairs.empty:
         raise CxrError(f"{cfg.pairs} has no train-split pairs; re-run prepare (its --test-fraction leaves none for training?)")
     return pairs_all, pairs
+
+
+def pairs_digest(pairs: pd.DataFrame) -> str:
+    """What a run's identity records of its train pairs: file names and prompts."""
+    return text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"]))
+
+
+def holds_finished_run(cfg: TrainConfig) -> bool:
+    """Whether cfg.out holds a finished run made exactly as `cfg` would make it (same settings,
+    train pairs and base model files): rerunning a notebook or a command then reuses it, as
+    every other stage does with its own output."""
+    from ..data.tables import load_pairs
+    from ..core.ownership import read_owner
+
+    out = Path(cfg.out)
+    record = read_owner(out) if out.is_dir() else None
+    if cfg.resume or cfg.overwrite or record is None or record.get("stage") != "train":
+        return False
+    try:
+        info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
+    except (OSError, ValueError):
+        return False
+    wanted, made = output_identity(cfg, finished=True), info.get("config", {})
+    same_settings = json.dumps({k: made.get(k) for k in wanted}, sort_keys=True) \
+        == json.dumps(wanted, sort_keys=True, default=str)
+    if not same_settings or not (out / LOSS_CSV).is_file():
+        return False
+    pairs = load_pairs(cfg.pairs)
+    pairs = pairs[pairs["split"] == "train"]
+    identity = record["identity"]
+    return identity.get("pairs") == pairs_digest(pairs) and identity.get("model_files") == model_fingerprint(cfg.model)
 
 
 def check_device(mixed_precision: str) -> str:
@@ -69,7 +104,7 @@ def frozen_parts(model: str, device, weight_dtype):
 def claim_output(cfg: TrainConfig, out: Path, accelerator, resume_from: Path | None, run_state: dict) -> dict | None:
     """Before anything is written into OUT (main process): resume only a checkpoint of a run like
     this one; start fresh only where no other run is. Returns the checked checkpoint's state."""
-    identity = {**{k: config_to_dict(cfg)[k] for k in RESUME_MUST_MATCH}, **run_state}
+    identity = {**output_identity(cfg), **run_state}
     state = None
     if accelerator.is_main_process:
         if resume_from is not None:

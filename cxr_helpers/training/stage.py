@@ -13,9 +13,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +25,19 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_scaler_state, restore_checkpoint,
                           restore_grad_scaler, save_checkpoint)
-from ..config.stages import TrainConfig, config_to_dict, save_config
+from ..config.stages import TrainConfig, save_config
 from .encodings import Encodings, load_or_build_encodings
-from ..core.environment import cache_root
+from ..core.environment import cache_root, is_main_process
 from ..core.errors import CxrError
 from .validation import default_validation_prompts, validation_grid
 from ..core.files import read_json, write_csv
-from ..core.layout import SUMMARY_JSON
+from ..core.layout import (CHECKPOINT_STATE_JSON, FIGURES_DIR, LORA_CONFIG_JSON, LORA_SUBDIR, LOSS_CSV, LOSS_CURVE_PNG,
+                           SUMMARY_JSON, TRAIN_CONFIG_JSON, validation_grid_name)
 from .lora_export import save_lora
-from ..core.ownership import model_fingerprint, text_digest
+from ..core.ownership import model_fingerprint
 from .progress import progress_line, relayed
-from .setup import (add_lora, claim_output, frozen_parts, make_accelerator, make_lr_scheduler, train_pairs,
-                    warn_mirrored_sides)
+from .setup import (add_lora, claim_output, frozen_parts, holds_finished_run, make_accelerator, make_lr_scheduler,
+                    pairs_digest, train_pairs, warn_mirrored_sides)
 from .step import batch_indices, diffusion_loss, sample_latents, step_generator
 
 
@@ -70,10 +69,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from ..core.ownership import folder_lock
 
     validate(cfg)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, one lock per run
+    main_process = is_main_process()  # under accelerate launch, one lock per run
     with folder_lock(cfg.out, "train run") if main_process else contextlib.nullcontext():
-        finished = finished_run(cfg)
-        if finished is not None:
+        if holds_finished_run(cfg):
+            finished = result_from_disk(cfg.out)
             if main_process:
                 print(f"train: {cfg.out} already holds this run, finished at step {finished.steps_done} with the same "
                       "settings, pairs and base model; reusing its LoRA (--overwrite trains it again)", flush=True)
@@ -81,47 +80,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         return _train(cfg, progress)
 
 
-def finished_run(cfg: TrainConfig) -> TrainResult | None:
-    """The run in cfg.out when it is finished and was made exactly as `cfg` would make it (same
-    settings, train pairs and base model files): rerunning a notebook or a command then reuses
-    it, as every other stage does with its own output. Anything else: None."""
-    from ..data.tables import load_pairs
-    from ..core.ownership import read_owner
-
-    out = Path(cfg.out)
-    record = read_owner(out) if out.is_dir() else None
-    if cfg.resume or cfg.overwrite or record is None or record.get("stage") != "train":
-        return None
-    try:
-        info = read_json(out / "lora" / "config.json")
-    except (OSError, ValueError):
-        return None
-    volatile = ("resume", "overwrite")
-    same_settings = json.dumps({k: v for k, v in info.get("config", {}).items() if k not in volatile}, sort_keys=True) \
-        == json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in volatile}, sort_keys=True, default=str)
-    if not same_settings or not (out / "loss.csv").is_file():
-        return None
-    pairs = load_pairs(cfg.pairs)
-    pairs = pairs[pairs["split"] == "train"]
-    identity = record["identity"]
-    if identity.get("pairs") != _pairs_digest(pairs) \
-            or identity.get("model_files") != model_fingerprint(cfg.model):
-        return None
-    return result_from_disk(out)
-
-
 def result_from_disk(out: str | Path) -> TrainResult:
     """A finished run's result, read back from its files."""
     out = Path(out)
-    info = read_json(out / "lora" / "config.json")
-    loss = pd.read_csv(out / "loss.csv")
-    figures = sorted((out / "figures").glob("*.png"))
-    return TrainResult(out, out / "lora", int(info["steps_done"]), loss, False, -1, figures)
-
-
-def _pairs_digest(pairs: pd.DataFrame) -> str:
-    """What a run's identity records of its train pairs: file names and prompts."""
-    return text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"]))
+    info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
+    loss = pd.read_csv(out / LOSS_CSV)
+    figures = sorted((out / FIGURES_DIR).glob("*.png"))
+    return TrainResult(out, out / LORA_SUBDIR, int(info["steps_done"]), loss, False, -1, figures)
 
 
 # ---------------------------------------------------------------- the run, step by step ------
@@ -129,8 +94,7 @@ def _pairs_digest(pairs: pd.DataFrame) -> str:
 def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from ..data.tables import resolve_data_dir
 
-    # The inputs: settings, train pairs, the checkpoint to resume (if any).
-    validate(cfg)
+    # The inputs (the settings were checked by train): train pairs, the checkpoint to resume (if any).
     pairs_all, pairs = train_pairs(cfg)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
@@ -143,7 +107,7 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # Validation images (and the LoRA's config.json, which sample reads) use the trained target.
     noise_scheduler.register_to_config(prediction_type=prediction_type)
     # Claim OUT: resume only a checkpoint of a run like this one, start fresh only where no other run is.
-    run_state = {"pairs": _pairs_digest(pairs), "model_files": model_fingerprint(cfg.model), "processes": processes,
+    run_state = {"pairs": pairs_digest(pairs), "model_files": model_fingerprint(cfg.model), "processes": processes,
                  "prediction_type": prediction_type}
     state = claim_output(cfg, out, accelerator, resume_from, run_state)
     warn_mirrored_sides(cfg, pairs, accelerator)
@@ -160,40 +124,58 @@ def _train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps, processes)
     start_step, loss_rows = 0, []
     if resume_from is not None:
-        state = state or read_json(resume_from / "state.json")  # the other processes read it after the check
+        state = state or read_json(resume_from / CHECKPOINT_STATE_JSON)  # the other processes read it after the check
         start_step, loss_rows = restore_checkpoint(resume_from, state, unet, optimizer, lr_scheduler, device)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     restore_grad_scaler(accelerator, state)  # fp16 loss scale: resume where it was
     # Train, then save the LoRA and the figures.
-    run = _Run(cfg, out, accelerator, weight_dtype, (tokenizer, text_encoder, vae), unet, noise_scheduler,
-               prediction_type, enc, len(pairs), lora_params, optimizer, lr_scheduler, max_steps, run_state,
-               list(cfg.validation_prompts) or default_validation_prompts(pairs_all, data_dir=data_dir), per_step)
+    model = _Model(unet, noise_scheduler, prediction_type, weight_dtype, tokenizer, text_encoder, vae)
+    validation_prompts = list(cfg.validation_prompts) or default_validation_prompts(pairs_all, data_dir=data_dir)
+    run = _Run(cfg, out, accelerator, model, _Optimizer(lora_params, optimizer, lr_scheduler), enc, max_steps,
+               per_step, run_state, validation_prompts)
     _start_log(run, start_step, loss_rows)
     step = _train_loop(run, start_step, loss_rows, progress)
     return _finish(run, step, loss_rows)
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Model:
+    """What a step runs and a validation grid draws with: the UNet with its LoRA (prepared by
+    accelerate), the noise schedule it learns, and the frozen parts in the run's precision."""
+
+    unet: object
+    noise_scheduler: object  # with the trained prediction type registered
+    prediction_type: str
+    weight_dtype: torch.dtype
+    tokenizer: object
+    text_encoder: object
+    vae: object
+
+
+@dataclass(frozen=True)
+class _Optimizer:
+    """What moves the LoRA: its fp32 parameters, AdamW and the LR schedule (prepared by accelerate)."""
+
+    params: list
+    adamw: object
+    lr_schedule: object
+
+
+@dataclass(frozen=True)
 class _Run:
-    """What the loop and the end of a run share, once everything is set up."""
+    """What the loop and the end of a run read, fixed once everything is set up (the step and
+    the loss rows, which change, are the loop's own)."""
 
     cfg: TrainConfig
     out: Path
     accelerator: object
-    weight_dtype: torch.dtype
-    frozen: tuple  # tokenizer, text_encoder, vae: for the validation pipeline
-    unet: object  # prepared by accelerate
-    noise_scheduler: object
-    prediction_type: str
+    model: _Model
+    optim: _Optimizer
     enc: Encodings
-    n_pairs: int
-    lora_params: list
-    optimizer: object
-    lr_scheduler: object
     max_steps: int
+    per_step: int  # images per optimizer step, over every process
     run_state: dict  # the checks a resumed run must pass, saved in every checkpoint
     validation_prompts: list[str]
-    per_step: int  # images per optimizer step, over every process
 
 
 def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
@@ -204,15 +186,15 @@ def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
         return
     processes = accelerator.num_processes
     run.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.out / "train_config.json", max_steps=run.max_steps, processes=processes)
-    write_csv(run.out / "loss.csv", pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
+    save_config(cfg, run.out / TRAIN_CONFIG_JSON, max_steps=run.max_steps, processes=processes)
+    write_csv(run.out / LOSS_CSV, pd.DataFrame(loss_rows, columns=LOSS_COLUMNS))
     device = accelerator.device
     where = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     cache_note = ("cache hit (nothing encoded)" if enc.hit
                   else f"cache miss (encoded {enc.encoded_images} images, {enc.encoded_prompts} prompts)")
     print(f"train: device {where}, precision {accelerator.mixed_precision}, trainable "
-          f"{sum(p.numel() for p in run.lora_params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
-          f"{run.max_steps}, {run.n_pairs} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
+          f"{sum(p.numel() for p in run.optim.params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
+          f"{run.max_steps}, {len(enc)} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
           f"accum {cfg.grad_accum} x {processes} process(es), {cache_note}", flush=True)
 
 
@@ -223,7 +205,7 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
     cfg, accelerator = run.cfg, run.accelerator
     bar = tqdm(total=run.max_steps, initial=step, desc="training",
                disable=relayed() or not (progress and accelerator.is_local_main_process))
-    run.unet.train()
+    run.model.unet.train()
     while step < run.max_steps:
         tic = time.perf_counter()
         # LoRA dropout, if any, replays on resume; each process draws its own masks.
@@ -233,8 +215,8 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
         step += 1
         # Log the step: loss.csv, the bar, and the progress line a relaying parent reads.
         elapsed = time.perf_counter() - tic
-        row = {"step": step, "loss": float(np.mean(losses)), "lr": run.lr_scheduler.get_last_lr()[0],
-               "epoch": step * run.per_step / run.n_pairs, "images_per_s": run.per_step / elapsed}
+        row = {"step": step, "loss": float(np.mean(losses)), "lr": run.optim.lr_schedule.get_last_lr()[0],
+               "epoch": step * run.per_step / len(run.enc), "images_per_s": run.per_step / elapsed}
         loss_rows.append(row)
         _log_step(run, row, bar)
         # Checkpoint and validation grid every so many steps (the last step's are written by _finish).
@@ -251,19 +233,19 @@ def _train_loop(run: _Run, step: int, loss_rows: list[dict], progress: bool) -> 
 
 def _micro_batch(run: _Run, step: int, micro: int) -> float:
     """One micro-batch's forward and backward pass; returns its loss averaged over processes."""
-    cfg, accelerator, enc = run.cfg, run.accelerator, run.enc
+    cfg, accelerator, enc, model, optim = run.cfg, run.accelerator, run.enc, run.model, run.optim
     device, process, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
     # This micro-batch's randomness and rows come from (seed, step, micro, process): a resume replays them.
     gen = step_generator(cfg.seed, step, micro, process)
     position = (step * cfg.grad_accum + micro) * cfg.batch_size * processes + cfg.batch_size * process
-    rows = batch_indices(run.n_pairs, cfg.seed, position, cfg.batch_size)
+    rows = batch_indices(len(enc), cfg.seed, position, cfg.batch_size)
     flips = torch.rand(len(rows), generator=gen) < 0.5 if cfg.random_flip else None
     # Latents sampled from the cached VAE posteriors; the prompts' cached embeddings.
-    latents = sample_latents(enc, rows, gen, flips, run.frozen[2].config.scaling_factor).to(device, run.weight_dtype)
-    embeddings = enc.embeddings[enc.prompt_index[rows]].to(device, run.weight_dtype)
-    with accelerator.accumulate(run.unet), accelerator.autocast():
+    latents = sample_latents(enc, rows, gen, flips, model.vae.config.scaling_factor).to(device, model.weight_dtype)
+    embeddings = enc.embeddings[enc.prompt_index[rows]].to(device, model.weight_dtype)
+    with accelerator.accumulate(model.unet), accelerator.autocast():
         # Noise at random timesteps, the UNet's prediction, the loss.
-        loss = diffusion_loss(run.unet, run.noise_scheduler, latents, embeddings, gen, cfg, run.prediction_type)
+        loss = diffusion_loss(model.unet, model.noise_scheduler, latents, embeddings, gen, cfg, model.prediction_type)
         if not torch.isfinite(loss):
             kept = checkpoint_dirs(run.out)
             raise CxrError(
@@ -273,10 +255,10 @@ def _micro_batch(run: _Run, step: int, micro: int) -> float:
         # Backward; clip once gradients are synced; accelerate skips the optimizer steps in between.
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(run.lora_params, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            accelerator.clip_grad_norm_(optim.params, cfg.max_grad_norm)
+        optim.adamw.step()
+        optim.lr_schedule.step()
+        optim.adamw.zero_grad(set_to_none=True)
     return accelerator.gather(loss.detach().reshape(1)).mean().item()
 
 
@@ -287,13 +269,13 @@ def _log_step(run: _Run, row: dict, bar) -> None:
         return
     if relayed():
         print(progress_line(row["step"], run.max_steps, row["loss"], row["images_per_s"]), flush=True)
-    with open(run.out / "loss.csv", "a") as handle:  # one line per step, readable while training
+    with open(run.out / LOSS_CSV, "a") as handle:  # one line per step, readable while training
         handle.write(",".join(repr(row[c]) for c in LOSS_COLUMNS) + "\n")
 
 
 def _save_checkpoint(run: _Run, step: int, loss_rows: list[dict]) -> None:
-    save_checkpoint(run.out, step, run.accelerator.unwrap_model(run.unet), run.optimizer, run.lr_scheduler, run.cfg,
-                    loss_rows, {**run.run_state, "grad_scaler": grad_scaler_state(run.accelerator)})
+    save_checkpoint(run.out, step, run.accelerator.unwrap_model(run.model.unet), run.optim.adamw, run.optim.lr_schedule,
+                    run.cfg, loss_rows, {**run.run_state, "grad_scaler": grad_scaler_state(run.accelerator)})
 
 
 def _validate_now(run: _Run, step: int) -> None:
@@ -302,16 +284,16 @@ def _validate_now(run: _Run, step: int) -> None:
 
     if not (run.accelerator.is_main_process and run.validation_prompts):
         return
-    tokenizer, text_encoder, vae = run.frozen
-    run.unet.eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=run.accelerator.unwrap_model(run.unet), scheduler=run.noise_scheduler,
+    model = run.model
+    model.unet.eval()
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=run.accelerator.unwrap_model(model.unet), scheduler=model.noise_scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     with run.accelerator.autocast():
-        validation_grid(pipe, run.cfg, run.validation_prompts, run.out / "figures" / f"validation-step-{step:07d}.png",
+        validation_grid(pipe, run.cfg, run.validation_prompts, run.out / FIGURES_DIR / validation_grid_name(step),
                         f"validation at step {step}")
-    run.unet.train()
+    model.unet.train()
 
 
 # ---------------------------------------------------------------- the end --------------------
@@ -324,15 +306,16 @@ def _finish(run: _Run, step: int, loss_rows: list[dict]) -> TrainResult:
     run.accelerator.wait_for_everyone()
     loss = pd.DataFrame(loss_rows, columns=LOSS_COLUMNS)
     figures: list[Path] = []
-    lora_dir = run.out / "lora"
+    lora_dir = run.out / LORA_SUBDIR
     if run.accelerator.is_main_process:
-        write_csv(run.out / "loss.csv", loss)  # the whole history, each step once
+        write_csv(run.out / LOSS_CSV, loss)  # the whole history, each step once
         _save_checkpoint(run, step, loss_rows)
-        lora_dir = save_lora(run.out, run.accelerator.unwrap_model(run.unet), run.cfg, _lora_info(run, step, loss))
-        figures_dir = run.out / "figures"
-        plots.loss_curve(loss, save_to=figures_dir / "loss_curve.png")
+        unet = run.accelerator.unwrap_model(run.model.unet)
+        lora_dir = save_lora(run.out, unet, run.cfg, _lora_info(run, step, loss))
+        figures_dir = run.out / FIGURES_DIR
+        plots.loss_curve(loss, save_to=figures_dir / LOSS_CURVE_PNG)
         _validate_now(run, step)
-        figures += [figures_dir / "loss_curve.png", figures_dir / f"validation-step-{step:07d}.png"]
+        figures += [figures_dir / LOSS_CURVE_PNG, figures_dir / validation_grid_name(step)]
     run.accelerator.end_training()
     return TrainResult(run.out, lora_dir, step, loss, run.enc.hit, run.enc.encoded_images, figures)
 
@@ -341,9 +324,9 @@ def _lora_info(run: _Run, step: int, loss: pd.DataFrame) -> dict:
     """What the LoRA's config.json and model card say about the run."""
     summary_path = Path(run.cfg.pairs).parent / SUMMARY_JSON
     return {
-        "steps_done": step, "processes": run.accelerator.num_processes, "train_pairs": run.n_pairs,
+        "steps_done": step, "processes": run.accelerator.num_processes, "train_pairs": len(run.enc),
         "train_prompts": len(run.enc.embeddings),
         "final_loss": round(float(loss["loss"].tail(20).mean()), 5) if len(loss) else None,
-        "prediction_type": run.prediction_type, "encodings_cache": run.enc.key,
+        "prediction_type": run.model.prediction_type, "encodings_cache": run.enc.key,
         "data_summary": read_json(summary_path) if summary_path.is_file() else None,
     }
