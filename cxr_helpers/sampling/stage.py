@@ -145,17 +145,23 @@ def check_prompt_lengths(counts: list[int], strict: bool) -> None:
 
 def metadata_rows(cfg: SampleConfig, prompts: list[str], counts: list[int]) -> list[dict]:
     """One metadata.csv row per image: image k of prompt i, its file name and seed."""
-    rows = []
-    for i, prompt in enumerate(prompts):
-        for k in range(cfg.n_per_prompt):
-            seed = image_seed(cfg.seed, i, k)
-            name = f"{i:05d}_{k:02d}_seed{seed}.png"
-            rows.append({"file": name, "prompt": prompt, "prompt_index": i, "k": k, "seed": seed, "steps": cfg.steps,
-                         "scheduler": cfg.scheduler, "guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt,
-                         "lora_scale": cfg.lora_scale if cfg.lora else 0.0, "model": cfg.model, "lora": cfg.lora,
-                         "resolution": cfg.resolution, "upscaled_file": f"upscaled/{name}" if cfg.upscale else "",
-                         "n_tokens": counts[i], "truncated": counts[i] > CLIP_MAX_TOKENS})
-    return rows
+    settings = dict(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
+                    lora_scale=cfg.lora_scale if cfg.lora else 0.0, model=cfg.model, lora=cfg.lora,
+                    resolution=cfg.resolution, upscale=cfg.upscale)
+    return [metadata_row(prompt, i, k, image_seed(cfg.seed, i, k), counts[i], **settings)
+            for i, prompt in enumerate(prompts) for k in range(cfg.n_per_prompt)]
+
+
+def metadata_row(prompt: str, prompt_index: int, k: int, seed: int, n_tokens: int, *, steps: int, scheduler: str,
+                 guidance: float, negative_prompt: str, lora_scale: float, model: str, lora: str, resolution: int,
+                 upscale: int = 0) -> dict:
+    """The metadata.csv row of image k of a prompt (METADATA_COLUMNS): the sample stage's and the
+    prompt panel's saves are described alike."""
+    name = f"{prompt_index:05d}_{k:02d}_seed{seed}.png"
+    return {"file": name, "prompt": prompt, "prompt_index": prompt_index, "k": k, "seed": seed, "steps": steps,
+            "scheduler": scheduler, "guidance": guidance, "negative_prompt": negative_prompt, "lora_scale": lora_scale,
+            "model": model, "lora": lora, "resolution": resolution, "upscaled_file": f"upscaled/{name}" if upscale else "",
+            "n_tokens": n_tokens, "truncated": n_tokens > CLIP_MAX_TOKENS}
 
 
 def _written(out: Path, row: dict, upscale: int) -> bool:
