@@ -10,6 +10,7 @@ written as grayscale PNGs with a metadata.csv row each; a rerun skips what is al
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,9 @@ def check_prompt_lengths(counts: list[int], strict: bool) -> None:
         raise CxrError(f"prompt {i + 1} has {n} CLIP tokens, over the {CLIP_MAX_TOKENS} limit (--strict); shorten it "
                        "or drop --strict to truncate")
     if too_long:
-        print(f"warning: {len(too_long)} prompt(s) over {CLIP_MAX_TOKENS} CLIP tokens are truncated "
-              f"(first: prompt {too_long[0][0] + 1}, {too_long[0][1]} tokens); --strict refuses them instead")
+        logging.getLogger(__name__).warning(
+            "%d prompt(s) over %d CLIP tokens are truncated (first: prompt %d, %d tokens); --strict refuses them "
+            "instead", len(too_long), CLIP_MAX_TOKENS, too_long[0][0] + 1, too_long[0][1])
 
 
 def metadata_rows(cfg: SampleConfig, prompts: list[str], counts: list[int]) -> list[dict]:
