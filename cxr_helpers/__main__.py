@@ -7,8 +7,10 @@ print one sentence and exit with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -218,8 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
+class _LogLines(logging.Formatter):
+    """A bare message per line; warnings and errors say so, like the "error:" sentences."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """While a command runs, the package's log lines (INFO and up) go to stderr."""
+    logger = logging.getLogger("cxr_helpers")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(_LogLines())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _log_to_stderr():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CxrError as exc:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,23 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, tiny_model_dir, synth_di
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "out" / "pairs.csv").exists()
+
+
+def test_run_notebooks_says_which_runs_and_hides_the_kernels_tcp_warning(tmp_path):
+    import nbformat
+
+    for name in ("01_first.ipynb", "02_second.ipynb"):  # stand-ins that run in a second
+        parameters = nbformat.v4.new_code_cell('PRESET = ""\nOUTPUT_DIR = ""', metadata={"tags": ["parameters"]})
+        nb = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell("print(PRESET)")], metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+        nbformat.write(nb, str(tmp_path / name))
+    result = cli("run-notebooks", "--out", str(tmp_path / "out"), "--notebooks", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "without encryption" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["notebook 1/2 01_first.ipynb"] * 2 + ["notebook 2/2 02_second.ipynb"] * 2
+    assert lines[0].endswith(": running") and re.fullmatch(r".*: done in \d+ s", lines[1])
+    assert "executed " + str(tmp_path / "out" / "notebooks" / "01_first.ipynb") in result.stdout
 
 
 # ---------------------------------------------------------------- the bad-input table ---------

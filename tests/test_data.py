@@ -12,6 +12,7 @@ from cxr_helpers.data.dataset import ChestXrayDataset
 from cxr_helpers.core.errors import CxrError
 from cxr_helpers.data.image_cache import resize_xray
 from cxr_helpers.data.prompts import clean_prompt, collapse_whitespace
+from cxr_helpers.config.stages import EvalConfig, TrainConfig, stage_config
 
 
 def make_dataset(root, impressions, views=("Frontal", "Lateral"), size=(200, 240)):
@@ -208,8 +209,11 @@ def test_fits_and_odd_inputs():
     assert np.asarray(resize_xray(wide, 64, "crop")).min() > 150
     deep = Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16))
     assert np.asarray(resize_xray(deep, 32)).max() > 200  # 16-bit films are scaled, not clipped
-    with pytest.raises(CxrError, match="multiple of 8"):
-        ChestXrayDataset(pd.DataFrame({"uid": [], "filename": [], "prompt": [], "split": []}), ".", resolution=100)
+    # The configs that feed the datasets declare the sizes and fits, and refuse others when built.
+    with pytest.raises(CxrError, match="--resolution must be a positive multiple of 8 .*got 100"):
+        stage_config(TrainConfig, resolution=100)
+    with pytest.raises(CxrError, match="--fit 'square' is not known; use stretch, pad or crop"):
+        stage_config(EvalConfig, fit="square")
 
 
 def test_load_pairs_checks_its_input(tmp_path):

@@ -13,8 +13,6 @@ from cxr_helpers.evaluation import features
 from cxr_helpers.evaluation import image_sets
 from cxr_helpers.evaluation import metrics
 from cxr_helpers.config.stages import EvalConfig, stage_config
-from cxr_helpers.data.tables import load_pairs
-from cxr_helpers.data.dataset import ChestXrayDataset
 from cxr_helpers.core.errors import CxrError
 
 from test_evaluate import split_images, write_set

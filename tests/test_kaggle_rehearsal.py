@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import stat
-import sys
 import sysconfig
 import venv
 from pathlib import Path

@@ -21,11 +21,15 @@ from ..core.files import read_user_json, write_json
 from .presets import SD15_MODEL_ID, preset_values
 from .settings import RUN, SHAPES, VOLATILE, Checked, field_type, setting
 
-# The image-size rule and the fit modes, declared here (config imports no numpy: the install
-# cell's `check-gpu` runs before torch is fixed) and used by image_cache's checks.
+# Allowed values whose home is here rather than beside the code that uses them: config imports
+# no numpy or torch (the install cell's `check-gpu` runs before torch is fixed), and a setting's
+# declaration is its only check.
 VAE_FACTOR = 8  # SD1.5's VAE downsamples by 8: an image size must be a multiple of it
 VAE_WHY = "the VAE downsamples by 8"
 FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and crop keep the aspect
+# The samplers --scheduler offers, each with the diffusers class it stands for (generation.set_scheduler).
+SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
+              "euler": "EulerDiscreteScheduler"}
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
 CACHE_HELP = "where cached files go; \"\" = OUT/cache (on Kaggle: /tmp, outside the output)"
@@ -156,7 +160,7 @@ class SampleConfig(Checked):
     split: str = setting("test", choices=("train", "test"), role=RUN, help="which split of --pairs")
     n_per_prompt: int = setting(1, min=1, role=RUN, help="images per prompt (seeds SEED, SEED+1, ...)")
     steps: int = setting(20, min=1, help="sampler steps")
-    scheduler: str = setting("dpm++", choices=("dpm++", "ddim", "pndm", "euler"), help="sampler")
+    scheduler: str = setting("dpm++", choices=tuple(SCHEDULERS), help="sampler")
     guidance: float = setting(7.5, min=0, help="classifier-free guidance scale")
     negative_prompt: str = setting("", help="what the images should not show")
     lora_scale: float = setting(1.0, help="any finite value: 0 = the base model, 1 = the full LoRA")

@@ -114,3 +114,14 @@ def inside(folder: str | os.PathLike, name: str) -> Path | None:
 def contained_image_path(data_dir: str | os.PathLike, filename: str) -> Path | None:
     """image_path, or None when the filename points outside the dataset's image folder."""
     return image_path(data_dir, filename) if inside(Path(data_dir) / IMAGES_SUBDIR, filename) else None
+
+
+# ---------------------------------------------------------------- the notebooks' folders in OUT --
+# Besides DATA_STAGE_DIR, TRAIN_STAGE_DIR, FIGURES_DIR and RECORDS_DIR above.
+EVAL_STAGE_DIR = "eval"  # OUT/eval: notebook 04's evaluation (metrics, audit, figures)
+SAMPLES_DIR = "samples"  # a folder of sample folders: OUT/eval/samples/NAME (04's sets), OUT/samples/widget
+WIDGET_SAVES_DIR = "widget"  # OUT/samples/widget: what the prompt panel saves (notebook 03)
+EXPORT_DIR = "export"  # OUT/export: notebook 03's synthetic export ...
+EXPORT_SPEC_JSON = "spec.json"  # ... its spec,
+EXPORT_DATASET_DIR = "dataset"  # ... the dataset written in the Kaggle layout,
+EXPORT_PREPARED_DIR = "prepared"  # ... and that dataset read back by prepare

@@ -14,24 +14,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..config.stages import FITS, VAE_FACTOR, VAE_WHY
 from ..core.errors import CxrError
 from ..core.files import atomic_path
 
 RESAMPLING = "lanczos"  # part of the cache key: another filter would be another picture
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
-
-
-def check_resolution(resolution: int) -> None:
-    """The one rule for an image size: the VAE downsamples by 8."""
-    if resolution < VAE_FACTOR or resolution % VAE_FACTOR:
-        raise CxrError(f"resolution must be a positive multiple of {VAE_FACTOR} ({VAE_WHY}), got {resolution}")
-
-
-def check_fit(fit: str) -> None:
-    if fit not in FITS:
-        raise CxrError(f"fit {fit!r} is not known; use {', '.join(FITS[:-1])} or {FITS[-1]}")
 
 
 # ---------------------------------------------------------------- checking -------------------
@@ -115,11 +103,10 @@ def resize_xray(im: Image.Image, resolution: int, fit: str = "stretch") -> Image
 class ResizedImageCache:
     """Resized copies of source films as small PNGs under `cache_dir`/RESpx-FIT, keyed on the
     source file (name, size, mtime), the resolution and the fit: a changed source is a new key.
-    With cache_dir None nothing is stored and every load decodes."""
+    With cache_dir None nothing is stored and every load decodes. The stage configs declare the
+    allowed resolutions and fits (config/stages.py) and check them when built."""
 
     def __init__(self, cache_dir: str | os.PathLike | None, resolution: int, fit: str = "stretch"):
-        check_resolution(resolution)
-        check_fit(fit)
         self.resolution = resolution
         self.fit = fit
         self.folder = Path(cache_dir) / f"{resolution}px-{fit}" if cache_dir else None

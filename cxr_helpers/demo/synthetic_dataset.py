@@ -57,10 +57,6 @@ _NORMAL_IMPRESSIONS = [
 _SEVERITY_WORD = {"mild": "Mild", "moderate": "Moderate", "small": "Small", "large": "Large"}
 
 
-def _side_phrase(side: str) -> str:
-    return "bilateral" if side == "bilateral" else side
-
-
 def describe(f: Finding, rng) -> str:
     """One sentence of impression for one finding, in one of the real reports' phrasings."""
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731

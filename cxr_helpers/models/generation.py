@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..config.stages import SCHEDULERS
 from ..core.errors import CxrError, library_reason
 from ..core.files import read_json
 from ..core.layout import LORA_CONFIG_JSON, LORA_WEIGHTS
-
-SCHEDULERS = ("dpm++", "ddim", "pndm", "euler")
 
 # ---------------------------------------------------------------- loading --------------------
 
@@ -87,14 +86,12 @@ def _lora_info(lora_dir: Path) -> dict:
 
 
 def set_scheduler(pipe, name: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    """Switch the pipeline to the sampler `name` (one of SampleConfig's --scheduler choices)."""
+    import diffusers
 
-    classes = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
-               "euler": EulerDiscreteScheduler}
-    if name not in classes:
-        raise CxrError(f"--scheduler {name!r} is not known; use {', '.join(SCHEDULERS)}")
-    if not isinstance(pipe.scheduler, classes[name]):
-        pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+    scheduler_class = getattr(diffusers, SCHEDULERS[name])
+    if not isinstance(pipe.scheduler, scheduler_class):
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     return pipe
 
 

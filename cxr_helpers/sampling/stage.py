@@ -10,6 +10,7 @@ written as grayscale PNGs with a metadata.csv row each; a rerun skips what is al
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,23 +132,30 @@ def check_prompt_lengths(counts: list[int], strict: bool) -> None:
         raise CxrError(f"prompt {i + 1} has {n} CLIP tokens, over the {CLIP_MAX_TOKENS} limit (--strict); shorten it "
                        "or drop --strict to truncate")
     if too_long:
-        print(f"warning: {len(too_long)} prompt(s) over {CLIP_MAX_TOKENS} CLIP tokens are truncated "
-              f"(first: prompt {too_long[0][0] + 1}, {too_long[0][1]} tokens); --strict refuses them instead")
+        logging.getLogger(__name__).warning(
+            "%d prompt(s) over %d CLIP tokens are truncated (first: prompt %d, %d tokens); --strict refuses them "
+            "instead", len(too_long), CLIP_MAX_TOKENS, too_long[0][0] + 1, too_long[0][1])
 
 
 def metadata_rows(cfg: SampleConfig, prompts: list[str], counts: list[int]) -> list[dict]:
     """One metadata.csv row per image: image k of prompt i, its file name and seed."""
-    rows = []
-    for i, prompt in enumerate(prompts):
-        for k in range(cfg.n_per_prompt):
-            seed = image_seed(cfg.seed, i, k)
-            name = f"{i:05d}_{k:02d}_seed{seed}.png"
-            rows.append({"file": name, "prompt": prompt, "prompt_index": i, "k": k, "seed": seed, "steps": cfg.steps,
-                         "scheduler": cfg.scheduler, "guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt,
-                         "lora_scale": cfg.lora_scale if cfg.lora else 0.0, "model": cfg.model, "lora": cfg.lora,
-                         "resolution": cfg.resolution, "upscaled_file": f"upscaled/{name}" if cfg.upscale else "",
-                         "n_tokens": counts[i], "truncated": counts[i] > CLIP_MAX_TOKENS})
-    return rows
+    settings = dict(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
+                    lora_scale=cfg.lora_scale if cfg.lora else 0.0, model=cfg.model, lora=cfg.lora,
+                    resolution=cfg.resolution, upscale=cfg.upscale)
+    return [metadata_row(prompt, i, k, image_seed(cfg.seed, i, k), counts[i], **settings)
+            for i, prompt in enumerate(prompts) for k in range(cfg.n_per_prompt)]
+
+
+def metadata_row(prompt: str, prompt_index: int, k: int, seed: int, n_tokens: int, *, steps: int, scheduler: str,
+                 guidance: float, negative_prompt: str, lora_scale: float, model: str, lora: str, resolution: int,
+                 upscale: int = 0) -> dict:
+    """The metadata.csv row of image k of a prompt (METADATA_COLUMNS): the sample stage's and the
+    prompt panel's saves are described alike."""
+    name = f"{prompt_index:05d}_{k:02d}_seed{seed}.png"
+    return {"file": name, "prompt": prompt, "prompt_index": prompt_index, "k": k, "seed": seed, "steps": steps,
+            "scheduler": scheduler, "guidance": guidance, "negative_prompt": negative_prompt, "lora_scale": lora_scale,
+            "model": model, "lora": lora, "resolution": resolution, "upscaled_file": f"upscaled/{name}" if upscale else "",
+            "n_tokens": n_tokens, "truncated": n_tokens > CLIP_MAX_TOKENS}
 
 
 def _written(out: Path, row: dict, upscale: int) -> bool:

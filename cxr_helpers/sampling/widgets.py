@@ -165,6 +165,7 @@ class PromptPanel:
         row each in `sample`'s columns (a later Save adds rows)."""
         from ..core.files import atomic_path, write_csv, write_json
         from ..core.layout import METADATA_COLUMNS
+        from .stage import metadata_row
 
         if not self.images or self.shown is None:
             self._say("Nothing to save yet: press Generate first.")
@@ -180,16 +181,13 @@ class PromptPanel:
         before = pd.read_csv(metadata_csv) if metadata_csv.is_file() else pd.DataFrame(columns=METADATA_COLUMNS)
         index = int(before["prompt_index"].max()) + 1 if len(before) else 0
         s = self.shown
-        rows = []
-        for k, (seed, image) in enumerate(zip(s["seeds"], self.images)):
-            name = f"{index:05d}_{k:02d}_seed{seed}.png"
-            with atomic_path(out / name) as tmp:
+        rows = [metadata_row(s["prompt"], index, k, seed, s["n_tokens"], steps=s["steps"], scheduler=s["scheduler"],
+                             guidance=s["guidance"], negative_prompt="", lora_scale=s["lora_scale"], model=self.model,
+                             lora=self.lora if self.has_lora else "", resolution=s["resolution"])
+                for k, seed in enumerate(s["seeds"])]
+        for row, image in zip(rows, self.images):
+            with atomic_path(out / row["file"]) as tmp:
                 image.save(tmp, format="PNG")
-            rows.append({"file": name, "prompt": s["prompt"], "prompt_index": index, "k": k, "seed": seed,
-                         "steps": s["steps"], "scheduler": s["scheduler"], "guidance": s["guidance"],
-                         "negative_prompt": "", "lora_scale": s["lora_scale"], "model": self.model,
-                         "lora": self.lora if self.has_lora else "", "resolution": s["resolution"],
-                         "upscaled_file": "", "n_tokens": s["n_tokens"], "truncated": s["n_tokens"] > CLIP_MAX_TOKENS})
         new = pd.DataFrame(rows, columns=METADATA_COLUMNS)
         write_csv(metadata_csv, pd.concat([before, new], ignore_index=True) if len(before) else new)
         write_json(out / SAVE_MARKER, {"stage": "widget", "note": "images saved from the prompt panel"})

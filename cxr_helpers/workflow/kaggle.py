@@ -31,7 +31,6 @@ RETIRED_SHAPES = {"p100": ("NvidiaTeslaP100", "Sessions run on the default GPU (
 KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_tpu",
                  "enable_internet", "dataset_sources", "competition_sources", "kernel_sources", "model_sources")
 HELPERS_DIR = "helpers-dataset"
-INSTALL_CELL_TAG = "install-helpers"
 
 # The first code cell of every published notebook: installs the helpers (no sys.path hacks).
 INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this checkout.

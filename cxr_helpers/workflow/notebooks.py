@@ -4,7 +4,11 @@ values for tests, and running the notebooks headless through papermill."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,10 @@ from ..core.layout import (DATA_STAGE_DIR, DEMO_INPUTS_DIR, FIGURES_DIR, LORA_SU
 from ..config.presets import Preset, get_preset, preset_name
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+# ipykernel logs this at start-up to the stderr it inherits (once per notebook); papermill's kernels
+# are local and short-lived, so it is not passed on.
+TCP_WARNING = b"Kernel is running over TCP without encryption"
+log = logging.getLogger(__name__)
 
 
 def output_dir(path: str | os.PathLike = "") -> Path:
@@ -125,22 +133,50 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [source for source in list_notebooks(notebooks)
+              if not only or any(source.name.startswith(o) for o in only)]
     done = []
-    for source in list_notebooks(notebooks):
-        if only and not any(source.name.startswith(o) for o in only):
-            continue
+    for k, source in enumerate(chosen, 1):
         target = executed_dir / source.name
         params = {"PRESET": preset, "OUTPUT_DIR": str(out), **(parameters or {})}
+        log.info("notebook %d/%d %s: running", k, len(chosen), source.name)
+        start = time.monotonic()
         try:
             papermill.execute_notebook(
                 str(source), str(target), parameters=params, kernel_name="python3",
                 execution_timeout=timeout, progress_bar=False, cwd=str(out),
+                kernel_manager_class=_kernel_manager_class(),
             )
         except papermill.PapermillExecutionError as exc:
             raise CxrError(f"notebook {source.name} failed in cell {exc.exec_count}: {exc.ename}: "
                            f"{exc.evalue} (the executed copy with the traceback is {target})") from None
+        log.info("notebook %d/%d %s: done in %.0f s", k, len(chosen), source.name, time.monotonic() - start)
         done.append(target)
     return done
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, with the kernel's stderr relayed to ours less TCP_WARNING."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class RelayingKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):  # jupyter_client's hook for launching
+            read_end, write_end = os.pipe()
+            try:
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": write_end})
+            finally:
+                os.close(write_end)  # the kernel holds its own copy: the relay ends when it exits
+            threading.Thread(target=_relay_stderr, args=(read_end,), daemon=True).start()
+
+    return RelayingKernelManager
+
+
+def _relay_stderr(fd: int) -> None:
+    with open(fd, "rb") as pipe:
+        for line in pipe:
+            if TCP_WARNING not in line:
+                sys.stderr.write(line.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def trained_lora(inputs: Inputs, lora_dir: str = "") -> Path:
