@@ -54,7 +54,7 @@ def main() -> None:
         pools = run(real), run(fake)
         torch.cuda.synchronize()
         results[name] = (time.perf_counter() - tic, pools, torchmetrics_fid(*pools, "cuda"))
-    (t32, (r32, f32), fid32), (ttf, (rtf, ftf), fidtf) = results["float32"], results["tf32"]
+    (t32, (r32, _), fid32), (ttf, (rtf, _), fidtf) = results["float32"], results["tf32"]
     feature_rel = float((rtf - r32).norm() / r32.norm())
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, 2 x {args.images} images")
     print(f"float32 pass: {t32:.2f} s, FID {fid32:.6g}; tf32 pass: {ttf:.2f} s, FID {fidtf:.6g}")
