@@ -24,9 +24,10 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # ipykernel logs this at start-up to the stderr it inherits (once per notebook); papermill's kernels
 # are local and short-lived, so it is not passed on.
 TCP_WARNING = b"Kernel is running over TCP without encryption"
-# ipykernel 6.25 (the oldest environment's) starts debugpy, which warns about Python 3.11's frozen modules on every start;
-# its own switch turns the check off (the kernels papermill starts are never debugged).
-KERNEL_ENV = {"PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+# ipykernel 6.25 (the oldest environment's) imports debugpy, in each kernel and once in papermill's
+# process, and debugpy warns about Python 3.11's frozen modules each time; its own switch turns
+# the check off (nothing here is debugged), set in this process so the kernels inherit it.
+QUIET_DEBUGGER = ("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 log = logging.getLogger(__name__)
 
 
@@ -130,6 +131,7 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
     Each notebook gets PRESET and OUTPUT_DIR (plus `parameters`), so all of them share one
     output folder and each reads what the one before it wrote.
     """
+    os.environ.setdefault(*QUIET_DEBUGGER)
     import papermill
 
     preset_name(preset)  # an unknown name fails before any notebook starts
@@ -159,16 +161,14 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
 
 
 def _kernel_manager_class():
-    """jupyter_client's kernel manager, with the kernel's stderr relayed to ours less TCP_WARNING,
-    and KERNEL_ENV set."""
+    """jupyter_client's kernel manager, with the kernel's stderr relayed to ours less TCP_WARNING."""
     from jupyter_client.manager import AsyncKernelManager
 
     class RelayingKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):  # jupyter_client's hook for launching
             read_end, write_end = os.pipe()
             try:
-                env = {**(kw.get("env") or os.environ), **KERNEL_ENV}
-                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": write_end, "env": env})
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": write_end})
             finally:
                 os.close(write_end)  # the kernel holds its own copy: the relay ends when it exits
             threading.Thread(target=_relay_stderr, args=(read_end,), daemon=True).start()
