@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from cxr_helpers.evaluation.features import InceptionFeatures
-from cxr_helpers.evaluation.image_sets import embed, full_float32, gray_to_rgb_tensor
+from cxr_helpers.evaluation.embeddings import embed, full_float32
+from cxr_helpers.evaluation.image_sets import gray_to_rgb_tensor
 from cxr_helpers.evaluation.metrics import torchmetrics_fid, torchmetrics_is, torchmetrics_kid
 from cxr_helpers.demo.synthetic_dataset import draw_report
 from cxr_helpers.demo.films import draw_patient, render

@@ -1,5 +1,5 @@
 """How far TF32 convolutions (cuDNN's default on a GPU) move the Inception features and the FID,
-against the float32 pass the project uses (image_sets.full_float32), and what each costs.
+against the float32 pass the project uses (embeddings.full_float32), and what each costs.
 torch-fidelity's Inception-v3 with random weights (the FID weights are a download): a lead on
 the size of the effect, not the figure for the real weights. GPU only.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cxr_helpers.evaluation.features import InceptionFeatures
-from cxr_helpers.evaluation.image_sets import embed
+from cxr_helpers.evaluation.embeddings import embed
 from cxr_helpers.evaluation.metrics import torchmetrics_fid
 from bench_eval import films
 

@@ -59,6 +59,8 @@ def test_auto_resolves_to_a_real_preset_everywhere(monkeypatch):
     (SampleConfig, {"lora_scale": float("nan")}, "--lora-scale must be a finite number, got nan"),
     (SampleConfig, {"resolution": 100}, "multiple of 8"),
     (EvalConfig, {"kid_subset": 1}, "--kid-subset must be at least 2"),
+    (EvalConfig, {"metrics": ("fid", "lpips", "clip")}, "--metrics lpips, clip are not known; use fid, kid,"),
+    (EvalConfig, {"adherence_scorer": "oracle"}, "--adherence-scorer 'oracle' is not known; use xrv or geometry"),
     (EvalConfig, {"prdc_k": 0}, "--prdc-k must be at least 1"),
     (EvalConfig, {"interval_groups": -1}, "--interval-groups must be at least 0"),
     (PrepareConfig, {"test_fraction": 1.0}, "--test-fraction must be more than 0.0 and less than 1.0"),
@@ -85,3 +87,24 @@ def test_a_saved_config_is_checked_when_read(tmp_path):
     path.write_text(json.dumps(payload))
     with pytest.raises(CxrError, match="--rank must be at least 1"):
         load_config(TrainConfig, path)
+
+
+def test_a_list_setting_reads_comma_separated_items_too():
+    assert EvalConfig(metrics=("fid,kid", " is ")).metrics == ("fid", "kid", "is")
+    assert stage_config(EvalConfig, metrics=["fid, prdc"]).metrics == ("fid", "prdc")
+
+
+def test_each_declared_choice_has_exactly_one_implementation():
+    """A setting's choices are its only check, so the code that acts on the value must know every
+    choice and no other (else a declared choice would fail at the use site, or a dead one linger)."""
+    import dataclasses
+
+    from cxr_helpers.evaluation.adherence import SCORERS
+    from cxr_helpers.evaluation.features import FEATURE_NETS
+    from cxr_helpers.evaluation.registry import METRICS
+
+    choices = {f.name: f.metadata["rules"]["choices"] for f in dataclasses.fields(EvalConfig)
+               if "choices" in f.metadata.get("rules", {})}
+    assert tuple(METRICS) == choices["metrics"]  # the order too: it is the results table's
+    assert set(FEATURE_NETS) == set(choices["feature_net"])
+    assert set(SCORERS) == set(choices["adherence_scorer"])

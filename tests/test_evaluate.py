@@ -8,7 +8,7 @@ from PIL import Image
 
 from cxr_helpers.evaluation import stage as ev
 from cxr_helpers.evaluation import features
-from cxr_helpers.evaluation import image_sets
+from cxr_helpers.evaluation import embeddings, image_sets
 from cxr_helpers.evaluation import memorisation
 from cxr_helpers.evaluation import metrics
 from cxr_helpers.config.stages import EvalConfig, SampleConfig, stage_config
@@ -133,8 +133,8 @@ def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, sy
     torch.manual_seed(0)
     is_sep = score.compute()
 
-    real_pool, _ = image_sets.embed(net, real, progress=False)
-    fake_pool, fake_logits = image_sets.embed(net, fake, progress=False)
+    real_pool, _ = embeddings.embed(net, real, progress=False)
+    fake_pool, fake_logits = embeddings.embed(net, fake, progress=False)
     assert metrics.torchmetrics_fid(real_pool, fake_pool) == pytest.approx(float(fid.compute()), rel=1e-6)
     assert metrics.torchmetrics_kid(real_pool, fake_pool, 10, 0) == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6)
     assert metrics.torchmetrics_is(fake_logits, 2, 0) == pytest.approx(tuple(float(v) for v in is_sep), rel=1e-6)
@@ -215,8 +215,8 @@ def test_real_features_are_cached(pairs_csv, synth_dir, generated, tmp_path, mon
     first = ev.evaluate(cfg, progress=False)
     assert first.cache_hits == []
     embedded = []
-    real_embed = image_sets.embed
-    monkeypatch.setattr(image_sets, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
+    real_embed = embeddings.embed
+    monkeypatch.setattr(embeddings, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
     second = ev.evaluate(cfg, progress=False)
     assert len(second.cache_hits) == 2  # the test images and the floor's train images
     assert embedded == [first.table.iloc[0]["n_generated"]]  # only the generated set was embedded
@@ -232,7 +232,7 @@ def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
         ([str(tmp_path / "nometa")], {}, "has no metadata.csv"),
         ([str(tmp_path / "nowhere")], {}, "does not exist"),
         ([str(one)], {}, "has 1 readable image\\(s\\); at least 2 are needed"),
-        ([str(generated)], {"metrics": ("fid", "lpips")}, "lpips not known"),
+        ([str(generated)], {"metrics": ("fid", "lpips")}, "--metrics lpips is not known"),
         ([str(generated)], {"n": 1}, "--n must be at least 2"),
         ([str(generated)], {"feature_net": "clip"}, "is not known"),
         ([], {}, "no generated images"),

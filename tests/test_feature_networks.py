@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from cxr_helpers.evaluation import stage as ev
 from cxr_helpers.evaluation import features
-from cxr_helpers.evaluation import image_sets
+from cxr_helpers.evaluation import embeddings
 from cxr_helpers.evaluation import metrics
 from cxr_helpers.config.stages import EvalConfig, stage_config
 from cxr_helpers.core.errors import CxrError
@@ -53,8 +53,8 @@ def test_inception_features_give_torchmetrics_own_fid_kid_and_is(pairs_csv, synt
     is_separate = tuple(float(v) for v in score.compute())
 
     net = features.InceptionFeatures(inception_weights)
-    real_pool, _ = image_sets.embed(net, real, 4, progress=False)
-    fake_pool, fake_logits = image_sets.embed(net, fake, 4, progress=False)
+    real_pool, _ = embeddings.embed(net, real, 4, progress=False)
+    fake_pool, fake_logits = embeddings.embed(net, fake, 4, progress=False)
     assert real_pool.shape == (6, 2048) and fake_logits.shape == (6, 1008)
     fid_shared = metrics.torchmetrics_fid(real_pool, fake_pool)
     assert fid_shared > 0.01 and is_separate[0] > 1.001  # the random network tells images apart
@@ -230,7 +230,7 @@ def test_features_are_made_in_full_float32_not_tf32():
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
-        pool, _ = image_sets.embed(Recorder(), torch.zeros(3, 3, 8, 8, dtype=torch.uint8), batch_size=2, progress=False)
+        pool, _ = embeddings.embed(Recorder(), torch.zeros(3, 3, 8, 8, dtype=torch.uint8), batch_size=2, progress=False)
         assert seen == [(False, False), (False, False)] and pool.shape == (3, 2)
         assert torch.backends.cudnn.allow_tf32 is True
     finally:

@@ -5,9 +5,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from cxr_helpers.figures import plots
+from cxr_helpers.evaluation import result_figures
+from cxr_helpers.evaluation.registry import metric_label, metric_order
 from cxr_helpers.evaluation.stage import results_table
-from cxr_helpers.figures.style import SET_COLOURS, metric_label, metric_order, set_colours
+from cxr_helpers.figures import plots
+from cxr_helpers.figures.style import SET_COLOURS, set_colours
 
 LONG = ("1. Small right pleural effusion. 2. Right upper lobe opacity concerning for pneumonia. 3. Stable "
         "cardiomegaly with calcified granuloma in the left lower lobe and degenerative changes of the spine.")
@@ -43,13 +45,13 @@ def test_every_set_keeps_its_colour_across_figures():
     table = pd.DataFrame({"set": ["fine-tuned", "base"] * 2, "metric": ["fid"] * 2 + ["kid"] * 2,
                           "value": [1.0, 2.0, 0.1, 0.2], "std": [None, None, 0.01, 0.02], "ci_low": [0.5, 1.5, None, None],
                           "ci_high": [1.5, 2.5, None, None], "n_generated": [8] * 4, "feature_network": ["x"] * 4})
-    fig = plots.metric_intervals(table)
+    fig = result_figures.metric_intervals(table)
     for ax in fig.axes[:2]:
         assert [to_hex(p.get_facecolor()) for p in ax.patches] == [SET_COLOURS["fine-tuned"], SET_COLOURS["base"]]
     assert fig.axes[0].get_title().startswith("FID ↓")
     diversity = pd.DataFrame({"set": ["fine-tuned", "base"] * 3, "prompt": ["a", "a", "b", "b", "c", "c"],
                               "images": [4] * 6, "ms_ssim": [0.1, 0.2, 0.15, 0.25, 0.12, 0.3]})
-    fig = plots.diversity_per_prompt(diversity)
+    fig = result_figures.diversity_per_prompt(diversity)
     ax = fig.axes[0]
     legend = {t.get_text().split(" (")[0]: to_hex(h.get_facecolor()) for t, h in
               zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
@@ -66,16 +68,16 @@ def test_loss_axis_names_the_loss_that_was_logged():
 def test_results_table_reads_in_order_with_arrows_and_no_blank_cells():
     rows = []
     for s in ("base", "fine-tuned", "real train (floor)"):
-        for m in ("audit_flagged", "coverage", "fid", "is", "kid", "ms_ssim_within_prompt", "precision"):
-            if s.startswith("real") and m in ("audit_flagged", "ms_ssim_within_prompt"):
+        for m in ("audit_train_matches", "coverage", "fid", "is", "kid", "ms_ssim_within_prompt", "precision"):
+            if s.startswith("real") and m in ("audit_train_matches", "ms_ssim_within_prompt"):
                 continue
             rows.append({"set": s, "metric": m, "value": 0.5, "std": 0.1 if m in ("kid", "is") else None,
                          "ci_low": 0.4 if m == "fid" else None, "ci_high": 0.6 if m == "fid" else None,
                          "n_generated": 24, "feature_network": "x"})
     table = results_table(pd.DataFrame(rows))
     assert list(table.columns) == ["FID ↓", "KID ↓", "Inception Score ↑", "precision ↑", "coverage ↑",
-                                   "within-prompt MS-SSIM ↓", "memorisation flags ↓", "N"]
+                                   "within-prompt MS-SSIM ↓", "memorisation flags (train matches) ↓", "N"]
     assert list(table.index) == ["base", "fine-tuned", "real train (floor)"]
-    assert not table.isna().any().any() and table.loc["real train (floor)", "memorisation flags ↓"] == "–"
-    assert metric_order(["new_metric", "audit_flagged", "fid"]) == ["fid", "new_metric", "audit_flagged"]
+    assert not table.isna().any().any() and table.loc["real train (floor)", "memorisation flags (train matches) ↓"] == "–"
+    assert metric_order(["new_metric", "audit_train_matches", "fid"]) == ["fid", "new_metric", "audit_train_matches"]
     assert metric_label("new_metric") == "new_metric"

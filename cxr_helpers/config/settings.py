@@ -106,9 +106,15 @@ def range_text(rules: dict) -> str:
     return " and ".join(b for b in (low, high) if b)
 
 
+def _outside_choices(value: Any, choices: tuple) -> list:
+    """The values not among the choices: of a list setting, its items (each must be a choice)."""
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in values if v not in choices]
+
+
 def _in_range(value: Any, rules: dict) -> bool:
     if "choices" in rules:
-        return value in rules["choices"]
+        return not _outside_choices(value, rules["choices"])
     if "multiple_of" in rules and (value < rules["multiple_of"] or value % rules["multiple_of"]):
         return False
     return not (("min" in rules and value < rules["min"]) or ("above" in rules and value <= rules["above"])
@@ -129,7 +135,10 @@ def check_settings(cfg: Any) -> None:
             continue
         why = f" ({why})" if why else ""
         if "choices" in rules:
-            raise CxrError(f"{flag} {value!r} is not known; use {range_text(rules)}{why}")
+            unknown = _outside_choices(value, rules["choices"])
+            shown = ", ".join(unknown) if isinstance(value, (tuple, list)) else repr(value)
+            raise CxrError(f"{flag} {shown} {'is' if len(unknown) == 1 else 'are'} not known; "
+                           f"use {range_text(rules)}{why}")
         raise CxrError(f"{flag} must be {range_text(rules)}{why}, got {value}")
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..core.files import read_user_json, write_json
+from ..core.layout import PAIRS_SPLITS
 from .presets import SD15_MODEL_ID, preset_values
 from .settings import RUN, SHAPES, VOLATILE, Checked, field_type, setting
 
@@ -30,6 +31,8 @@ FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and 
 # The samplers --scheduler offers, each with the diffusers class it stands for (generation.set_scheduler).
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "euler": "EulerDiscreteScheduler"}
+# The metrics evaluate computes, by name (evaluation/registry.METRICS holds what computes each).
+EVAL_METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
 CACHE_HELP = "where cached files go; \"\" = OUT/cache (on Kaggle: /tmp, outside the output)"
@@ -157,7 +160,7 @@ class SampleConfig(Checked):
     # The flag kept its older name: --prompts is the file; the prompts themselves are --prompt.
     prompts_file: str = setting("", flag="prompts", role=RUN, help="text file, one prompt per line")
     pairs: str = setting("", role=RUN, help="or: pairs.csv, the prompts of --split (one per pair)")
-    split: str = setting("test", choices=("train", "test"), role=RUN, help="which split of --pairs")
+    split: str = setting("test", choices=PAIRS_SPLITS, role=RUN, help="which split of --pairs")
     n_per_prompt: int = setting(1, min=1, role=RUN, help="images per prompt (seeds SEED, SEED+1, ...)")
     steps: int = setting(20, min=1, help="sampler steps")
     scheduler: str = setting("dpm++", choices=tuple(SCHEDULERS), help="sampler")
@@ -200,7 +203,7 @@ class EvalConfig(Checked):
                                          "e.g. base=OUT/base fine-tuned=OUT/tuned")
     out: str = setting("eval", role=VOLATILE,
                        help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
-    metrics: tuple[str, ...] = setting(("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence"),
+    metrics: tuple[str, ...] = setting(EVAL_METRICS, choices=EVAL_METRICS,
                                        help="which metrics: any of the default's, space- or comma-separated")
     feature_net: str = setting("inception", choices=("inception", "standin"),
                                help="inception: torch-fidelity's FID network; "
@@ -232,6 +235,11 @@ class EvalConfig(Checked):
     cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": real-image features, resized images")
     seed: int = setting(0, min=0, help="random seed of subsets and jackknife groups")
     batch_size: int = setting(32, min=1, role=RUN, help="images per feature-network call")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, (tuple, list)):  # "fid,kid" and "fid kid" alike: users write either
+            self.metrics = tuple(m.strip() for item in self.metrics for m in str(item).split(",") if m.strip())
+        super().__post_init__()
 
 
 STAGE_CONFIGS = {cls.STAGE: cls for cls in (SynthConfig, TinyModelConfig, PrepareConfig, TrainConfig, SampleConfig,

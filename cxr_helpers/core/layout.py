@@ -41,6 +41,7 @@ SUMMARY_JSON = "summary.json"
 PREPARE_CONFIG_JSON = "prepare_config.json"
 PAIRS_COLUMNS = ("uid", "filename", "projection", "prompt", "n_tokens", "split", "width", "height")
 PAIRS_REQUIRED = ("uid", "filename", "prompt", "split")
+PAIRS_SPLITS = ("train", "test")  # the values of its split column
 EXCLUDED_COLUMNS = ("uid", "filename", "projection", "reason", "n_tokens")
 
 # ---------------------------------------------------------------- the rest of OUT -------------

@@ -19,7 +19,7 @@ from ..config.stages import PrepareConfig, save_config
 from ..core.errors import CxrError
 from .image_cache import inspect_images
 from ..core.files import write_csv, write_json
-from ..core.layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, PAIRS_COLUMNS, PAIRS_CSV, PREPARE_CONFIG_JSON,
+from ..core.layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, PAIRS_COLUMNS, PAIRS_CSV, PAIRS_SPLITS, PREPARE_CONFIG_JSON,
                            PROJECTION_COLUMNS_NEEDED, SUMMARY_JSON, contained_image_path)
 from .prompts import clean_prompt, collapse_whitespace, count_tokens
 from .tables import read_tables, resolve_data_dir
@@ -164,7 +164,7 @@ def _split_kept(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     pairs = table[table["reason"] == ""].drop(columns=["reason", "impression", "_merge"]).reset_index(drop=True)
     pairs["split"] = split_pairs(pairs, cfg.split, cfg.test_fraction, cfg.seed)
     pairs = pairs[list(PAIRS_COLUMNS)]
-    sides = {s: int((pairs["split"] == s).sum()) for s in ("train", "test")}
+    sides = {s: int((pairs["split"] == s).sum()) for s in PAIRS_SPLITS}
     empty = [s for s, n in sides.items() if n == 0]
     if empty:
         raise CxrError(f"the {cfg.split} split of {len(pairs)} pairs with --test-fraction {cfg.test_fraction} leaves "
@@ -186,12 +186,12 @@ def summarize(pairs, excluded, table, reports, problem, cfg: PrepareConfig) -> d
         "image_problems_all_listed": {r: int((problem == r).sum()) for r in ("missing_image", "unreadable_image")},
         "split": cfg.split,
         "test_fraction": cfg.test_fraction,
-        "pairs_by_split": {s: int((pairs["split"] == s).sum()) for s in ("train", "test")},
-        "patients_by_split": {s: int(pairs.loc[pairs["split"] == s, "uid"].nunique()) for s in ("train", "test")},
+        "pairs_by_split": {s: int((pairs["split"] == s).sum()) for s in PAIRS_SPLITS},
+        "patients_by_split": {s: int(pairs.loc[pairs["split"] == s, "uid"].nunique()) for s in PAIRS_SPLITS},
         "patients_on_both_sides": patients_on_both_sides(pairs),
         "pairs_by_projection": {k: int(v) for k, v in pairs["projection"].value_counts().sort_index().items()},
         "distinct_prompts": int(pairs["prompt"].nunique()),
-        "distinct_prompts_by_split": {s: int(pairs.loc[pairs["split"] == s, "prompt"].nunique()) for s in ("train", "test")},
+        "distinct_prompts_by_split": {s: int(pairs.loc[pairs["split"] == s, "prompt"].nunique()) for s in PAIRS_SPLITS},
         "max_tokens": cfg.max_tokens,
         "prompt_tokens": {
             "median": float(pairs["n_tokens"].median()) if len(pairs) else None,

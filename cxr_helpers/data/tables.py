@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.environment import kaggle_input, on_kaggle
 from ..core.errors import CxrError
-from ..core.layout import (IMAGES_SUBDIR, KAGGLE_DATASET, KAGGLE_DATASET_SLUG, PAIRS_REQUIRED,
+from ..core.layout import (IMAGES_SUBDIR, KAGGLE_DATASET, KAGGLE_DATASET_SLUG, PAIRS_REQUIRED, PAIRS_SPLITS,
                            PROJECTION_COLUMNS_NEEDED, PROJECTIONS_CSV, REPORT_COLUMNS_NEEDED, REPORTS_CSV,
                            SYNTHETIC_MANIFEST)
 
@@ -96,12 +96,10 @@ def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFram
     for column in ("n_tokens", "width", "height"):  # numbers in pairs.csv, when present
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    labels = sorted(set(frame["split"]) - {"train", "test"})
+    labels = sorted(set(frame["split"]) - set(PAIRS_SPLITS))
     if labels:  # silently dropping them would shrink both sides
         raise CxrError(f"{path} has split label(s) {', '.join(map(repr, labels))}; only train and test are "
                        "known: fix those rows or re-run prepare")
-    if split is not None:
-        if split not in ("train", "test"):
-            raise CxrError(f"split {split!r} is not known; use train or test")
+    if split is not None:  # one of PAIRS_SPLITS (the callers' settings declare it)
         frame = frame[frame["split"] == split].reset_index(drop=True)
     return frame

@@ -74,8 +74,7 @@ class XRVClassifier:
         device = next(self.net.parameters()).device
         outputs = []
         for start in tqdm(range(0, len(images), batch_size), desc="adherence: classifier", disable=not progress):
-            x = images[start:start + batch_size, :1].to(device).float() / 255.0 * 2048.0 - 1024.0
-            x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+            x = self.features.network_input(images[start:start + batch_size].to(device))
             outputs.append(self.net(x).float().cpu())
         table = torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.outputs)))
         frame = pd.DataFrame(table, columns=self.outputs)
@@ -90,10 +89,10 @@ SCORERS = {"xrv": XRVClassifier, "geometry": GeometryOracle}
 ADHERENCE_COLUMNS = ["set", "finding", "auroc", "ci_low", "ci_high", "positives", "negatives", "images", "scorer"]
 
 
-def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str, min_cases: int,
-              notes: list[str]) -> pd.DataFrame:
+def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str,
+              min_cases: int) -> tuple[pd.DataFrame, list[str]]:
     """Per finding both know, the AUROC of the scores against the labels (rows aligned); a finding
-    with fewer than `min_cases` positives or negatives is skipped with a note naming the counts."""
+    with fewer than `min_cases` positives or negatives is skipped, with a note naming the counts."""
     rows, skipped = [], []
     for finding in [f for f in scores.columns if f in labels.columns]:
         truth = labels[finding].to_numpy(dtype=bool)
@@ -105,16 +104,16 @@ def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name
             continue
         auc, low, high = auroc_with_interval(scores[finding].to_numpy(), truth)
         rows.append({**row, "auroc": auc, "ci_low": low, "ci_high": high})
-    if skipped:  # one note per set: the classifier knows up to 18 findings
-        notes.append(f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
-                     f"(positives+/negatives-): {', '.join(skipped)}")
-    return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS)
+    notes = [f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
+             f"(positives+/negatives-): {', '.join(skipped)}"] if skipped else []  # one per set: up to 18 findings
+    return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS), notes
 
 
 def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet,
-                     data_dir: Path, notes: list[str], progress: bool) -> pd.DataFrame:
+                     data_dir: Path, progress: bool) -> tuple[pd.DataFrame, list[str]]:
     """Per finding, the AUROC of the scorer's score against the label of the report each prompt
-    came from, for every generated set and for the real test films (the ceiling)."""
+    came from, for every generated set and for the real test films (the ceiling); and the notes
+    on what was left out."""
     from ..data.labels import prompt_labels, report_labels
     from ..data.tables import load_pairs, read_tables
     from ..core.layout import REPORTS_CSV
@@ -122,13 +121,13 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
 
     reports, _ = read_tables(data_dir)
     if "MeSH" not in reports.columns and "Problems" not in reports.columns:
-        notes.append(f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
-                     "no report has a label; use the Kaggle dataset's original file")
-        return pd.DataFrame(columns=ADHERENCE_COLUMNS)
+        return pd.DataFrame(columns=ADHERENCE_COLUMNS), [
+            f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
+            "no report has a label; use the Kaggle dataset's original file"]
     labels = report_labels(reports)
     pairs = load_pairs(cfg.pairs)
     by_prompt = prompt_labels(pairs, labels)
-    parts = []
+    parts, notes = [], []
     for name, image_set in generated:
         known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
         if not known:
@@ -140,12 +139,16 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
                          "report's impression are left out")
         scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
         truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
-        parts.append(adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+        table, skipped = adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases)
+        parts.append(table)
+        notes += skipped
     uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
     truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
     scores = scorer.score(real.images, cfg.batch_size, progress)
-    parts.append(adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases, notes))
+    table, skipped = adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases)
+    parts.append(table)
+    notes += skipped
     table = pd.concat(parts, ignore_index=True)
     if not len(table):
         notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
-    return table
+    return table, notes

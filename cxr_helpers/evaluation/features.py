@@ -235,37 +235,40 @@ class XRVFeatures(nn.Module):
                            f"({detail}); use {XRV_WEIGHTS_URL}")
         return state
 
+    @staticmethod
+    def network_input(images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, H, W) as the DenseNet takes them: one channel in [-1024, 1024], 224 px."""
+        x = images[:, :1].float() / 255.0 * 2048.0 - 1024.0
+        return torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images[:, :1].float() / 255.0 * 2048.0 - 1024.0
-        x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
-        pool = self.net.features2(x)
+        pool = self.net.features2(self.network_input(images))
         return pool, pool[:, :0]
 
 
+FEATURE_NETS = {"inception": lambda cfg: InceptionFeatures(cfg.feature_weights or None),
+                "standin": lambda cfg: StandInFeatures(cfg.seed)}  # EvalConfig.feature_net's choices
+
+
 def load_feature_net(cfg: EvalConfig) -> nn.Module:
-    if cfg.feature_net == "standin":
-        return StandInFeatures(cfg.seed)
-    if cfg.feature_net == "inception":
-        return InceptionFeatures(cfg.feature_weights or None)
-    raise CxrError(f"--feature-net {cfg.feature_net!r} is not known; use inception (or standin for offline tests)")
+    return FEATURE_NETS[cfg.feature_net](cfg)
 
 
-def load_xrv(cfg: EvalConfig, device: str, notes: list[str], purpose: str) -> "XRVFeatures | None":
-    """The XRV DenseNet, or None with a note when it cannot be had (it is optional)."""
+def load_xrv(cfg: EvalConfig, device: str, purpose: str) -> tuple["XRVFeatures | None", list[str]]:
+    """(the XRV DenseNet, []), or (None, a note saying why) when it cannot be had (it is optional)."""
     try:
-        return XRVFeatures(cfg.xrv_weights or None).to(device)
+        return XRVFeatures(cfg.xrv_weights or None).to(device), []
     except ImportError as exc:  # optional: skipped with a note, not fatal
-        notes.append(f"XRV DenseNet {purpose} skipped: torchxrayvision is not installed ({exc}); "
-                     "pip install torchxrayvision")
+        return None, [f"XRV DenseNet {purpose} skipped: torchxrayvision is not installed ({exc}); "
+                      "pip install torchxrayvision"]
     except CxrError as exc:
         if cfg.xrv_weights:  # weights the user named must load
             raise
-        notes.append(f"XRV DenseNet {purpose} skipped: {exc}")
+        return None, [f"XRV DenseNet {purpose} skipped: {exc}"]
     except Exception as exc:  # its download failing
         if cfg.xrv_weights:  # weights the user named must load
             raise CxrError(f"--xrv-weights {cfg.xrv_weights} could not be loaded ({exc.__class__.__name__}); "
                            f"download {XRV_WEIGHTS_URL}") from None
-        notes.append(f"XRV DenseNet {purpose} skipped: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]} "
-                     f"(download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)")
-    return None
+        return None, [f"XRV DenseNet {purpose} skipped: {exc.__class__.__name__}: "
+                      f"{str(exc).splitlines()[0][:120]} (download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)"]

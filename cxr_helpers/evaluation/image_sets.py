@@ -1,16 +1,12 @@
-"""The image sets the evaluation compares, and their features.
+"""The image sets the evaluation compares.
 
 Real images are a split of pairs.csv, prepared to the training resolution exactly as for
 training (same resize, same cache); generated images come from sample directories
-(metadata.csv). Features come from one pass of a network over a set; a real set's features are
-cached on disk, keyed by the network, its weights and the images, so re-evaluating embeds only
-the generated images.
+(metadata.csv). Their features are `embeddings`' job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
-from tqdm.auto import tqdm
 
 from ..config.stages import EvalConfig
 from ..core.errors import CxrError
-from ..core.files import atomic_path
 
 REAL_TEST_SET = "real test"  # the test split, the real side of every comparison
 
@@ -122,57 +115,3 @@ def take(image_set: ImageSet, idx: list[int], name: str | None = None) -> ImageS
     """The images at idx, as a set of their own (renamed when name is given)."""
     return ImageSet(name or image_set.name, image_set.images[idx], [image_set.prompts[i] for i in idx],
                     [image_set.files[i] for i in idx], image_set.unreadable)
-
-
-@contextlib.contextmanager
-def full_float32():
-    """No TF32 on a GPU while features are made: cuDNN convolutions use TF32 by default, whose
-    10-bit mantissa moves the features (benchmarks/RESULTS.md, GPU figures) where the reference
-    FID is float32. At ~6 GMAC per image the cost is negligible."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def embed(net: nn.Module, images: torch.Tensor, batch_size: int = 32, desc: str = "features",
-          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of the network over the images: (pool features, logits) on the CPU, in the
-    network's dtype (what torchmetrics would see from its own pass; FID works in float64)."""
-    device = next(net.parameters()).device
-    pools, logits = [], []
-    with full_float32():
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
-            pool, logit = net(images[start:start + batch_size].to(device))
-            pools.append(pool.float().cpu())
-            logits.append(logit.float().cpu())
-    if not pools:
-        return torch.zeros(0, net.num_features), torch.zeros(0, 0)
-    return torch.cat(pools), torch.cat(logits)
-
-
-def cached_embed(net, image_set: ImageSet, cache_dir: Path, batch_size: int, progress: bool,
-                 hit_counter: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of a real image set, cached on disk keyed by its image list and the network."""
-    from safetensors.torch import load_file, save_file
-
-    digest = hashlib.sha256(net.key.encode())
-    for tensor in net.state_dict().values():  # the weights too: another weights file, other features
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(image_set.images.shape.__repr__().encode())
-    for name in image_set.files:
-        digest.update(name.encode() + b"\n")
-    digest.update(hashlib.sha256(image_set.images.numpy().tobytes()).digest())  # the pixels themselves
-    path = cache_dir / f"features-{net.key}-{digest.hexdigest()[:20]}.safetensors"
-    if path.is_file():
-        if hit_counter is not None:
-            hit_counter.append(path.name)
-        cached = load_file(str(path))
-        return cached["pool"], cached["logits"]
-    pool, logits = embed(net, image_set.images, batch_size, f"features: {image_set.name}", progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"pool": pool.contiguous(), "logits": logits.contiguous()}, str(tmp))
-    return pool, logits

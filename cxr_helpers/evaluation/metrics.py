@@ -4,7 +4,7 @@ torchmetrics computes FID, KID and IS from the shared features (`Precomputed` st
 network would be); `frechet_distance` is the project's own float64 FID, fast enough for the
 jackknife interval (`fid_interval`) and FID at infinite N (`fid_infinity`), which recompute it
 dozens of times. `prdc` and `diversity` complete the set. Which metric a name in
-EvalConfig.metrics reports is `metric_table.METRICS`.
+EvalConfig.metrics reports is `registry.METRICS`.
 """
 
 from __future__ import annotations

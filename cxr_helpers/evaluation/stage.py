@@ -5,14 +5,15 @@ Real images are the test split, prepared as for training; generated images come 
 directories (`image_sets`). Every image goes through the feature network once (`features`); its
 pool features feed FID, KID, precision/recall/density/coverage and the memorisation audit, and
 its logits feed IS. Each metric the config names is computed by the entry of that name in
-`metric_table.METRICS` (the arithmetic is in `metrics`, the audit in `memorisation`, prompt
-adherence in `adherence`). Real-image features are cached on disk, keyed by the image list and
-the network, so re-evaluating embeds only the generated images.
+`registry.METRICS`, which returns its rows, tables and notes (the arithmetic is in `metrics`, the
+audit in `memorisation`, prompt adherence in `adherence`); the figures are drawn from what they
+returned (`result_figures`). Real-image features are cached on disk, keyed by the image list and
+the network, so re-evaluating embeds only the generated images (`embeddings`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,14 +21,15 @@ import torch
 from torch import nn
 
 from . import adherence as adh
-from . import image_sets
+from . import embeddings
 from ..config.stages import EvalConfig, config_to_dict
 from ..core.environment import cache_root, library_versions
 from ..core.errors import CxrError
-from .features import STANDIN_NAME, StandInFeatures, load_feature_net
-from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
 from ..core.files import write_csv, write_json
-from .metric_table import DIVERSITY_COLUMNS, METRICS, Embedded, EvalRun, metric_rows
+from .features import STANDIN_NAME, StandInFeatures, load_feature_net, load_xrv
+from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
+from .inputs import Embedded, EvalInputs
+from .registry import DIVERSITY_COLUMNS, Measurements, measure
 
 FID_BIAS_N = 2048
 TABLE_COLUMNS = ["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated", "feature_network"]
@@ -52,53 +54,41 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     """Score every generated set (and the real-vs-real floor) against the real test images."""
     from ..data.tables import resolve_data_dir
 
-    cfg = checked_config(cfg)
     folders = parse_generated(cfg.generated)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
-    notes: list[str] = []
-    generated = read_generated_sets(cfg, folders, notes)
+    generated = read_generated_sets(cfg, folders)
     real, train = read_real_sets(cfg, data_dir, cache_dir)
-    n = images_per_set(cfg, real, train, generated, notes)
-    kid_subset, kid_std_meaningful, is_splits = subset_sizes(cfg, n, notes)
-    net, device = feature_network(cfg, feature_net, notes)
-    hits: list[str] = []
+    notes = [f"{g.name}: {g.unreadable} unreadable image(s) skipped" for g in generated if g.unreadable]
+    n, n_notes = images_per_set(cfg, real, train, generated)
+    kid_subset, kid_std_meaningful, is_splits, subset_notes = subset_sizes(cfg, n)
+    net, device = feature_network(cfg, feature_net)
+    xrv_net, xrv_notes = xrv_network(cfg, device)
+    notes += n_notes + subset_notes + ([f"features: {STANDIN_NAME}"] if isinstance(net, StandInFeatures) else [])
+    notes += xrv_notes
     real_idx = pick(len(real.images), n, cfg.seed)
-    real_features, train_features, compared = embed_sets(cfg, net, real, train, generated, n, cache_dir, progress, hits)
-    run = EvalRun(cfg=cfg, net=net, device=device, real=real, real_features=real_features,
-                  real_n=take(real, real_idx), real_pool=real_features[real_idx], train=train,
-                  train_features=train_features, compared=compared, n_generated=len(generated), generated_all=generated,
-                  kid_subset=kid_subset, kid_std_meaningful=kid_std_meaningful, is_splits=is_splits,
-                  data_dir=data_dir, cache_dir=cache_dir, notes=notes, cache_hits=hits, progress=progress)
-    table = results_frame(metric_rows(run))
-    write_outputs(run, table, out, n)
-    return EvalResult(out, table, run.tables.get("audit", pd.DataFrame()), adherence_of(run),
-                      run.tables.get("diversity", pd.DataFrame(columns=DIVERSITY_COLUMNS)), net.name, notes, hits,
-                      draw_figures(run, table, out / "figures"))
+    real_features, train_features, compared, hits = embed_sets(cfg, net, real, train, generated, n, cache_dir,
+                                                               progress)
+    inputs = EvalInputs(cfg=cfg, net=net, device=device, real=real, real_features=real_features,
+                        real_n=take(real, real_idx), real_pool=real_features[real_idx], train=train,
+                        train_features=train_features, compared=compared, generated_all=generated,
+                        kid_subset=kid_subset, kid_std_meaningful=kid_std_meaningful, is_splits=is_splits,
+                        xrv_net=xrv_net, data_dir=data_dir, cache_dir=cache_dir, progress=progress)
+    measured = measure(inputs)
+    measured.notes = notes + measured.notes  # the stage's own first
+    measured.cache_hits = hits + measured.cache_hits
+    table = results_frame(measured.rows)
+    write_outputs(inputs, measured, table, out, n)
+    return EvalResult(out, table, measured.tables.get("audit", pd.DataFrame()), adherence_of(measured),
+                      diversity_of(measured), net.name, measured.notes, measured.cache_hits,
+                      draw_figures(inputs, measured, table, out / "figures"))
 
 
-def checked_config(cfg: EvalConfig) -> EvalConfig:
-    """The config with its metrics split ("fid,kid" and "fid kid" alike: the CLI takes a list; users
-    also write it comma-separated), refused in one sentence when a name or number cannot work."""
-    cfg = replace(cfg, metrics=tuple(m.strip() for item in cfg.metrics for m in item.split(",") if m.strip()))
-    unknown = sorted(set(cfg.metrics) - set(METRICS))
-    if unknown:
-        raise CxrError(f"--metrics {', '.join(unknown)} not known; choose from {', '.join(METRICS)}")
-    if "adherence" in cfg.metrics and cfg.adherence_scorer not in adh.SCORERS:
-        raise CxrError(f"--adherence-scorer {cfg.adherence_scorer!r} is not known; use "
-                       f"{' or '.join(adh.SCORERS)} (geometry: the synthetic films' oracle, for offline runs)")
-    if cfg.n is not None and cfg.n < 2:
-        raise CxrError(f"--n must be at least 2 (FID needs two images per set to estimate a covariance), got {cfg.n}")
-    return cfg
-
-
-def read_generated_sets(cfg: EvalConfig, folders: list[tuple[str, Path]], notes: list[str]) -> list[ImageSet]:
-    """Each sample folder's readable images; a note counts the unreadable ones."""
+def read_generated_sets(cfg: EvalConfig, folders: list[tuple[str, Path]]) -> list[ImageSet]:
+    """Each sample folder's readable images (each set counts its unreadable ones)."""
     generated = [generated_set(name, path, cfg.resolution) for name, path in folders]
     for g in generated:
-        if g.unreadable:
-            notes.append(f"{g.name}: {g.unreadable} unreadable image(s) skipped")
         if len(g.images) < 2:
             raise CxrError(f"generated set {g.name} has {len(g.images)} readable image(s); at least 2 are needed "
                            "(FID estimates a covariance), and about 2,048 for an unbiased FID")
@@ -115,20 +105,20 @@ def read_real_sets(cfg: EvalConfig, data_dir: Path, cache_dir: Path) -> tuple[Im
     return real, train
 
 
-def images_per_set(cfg: EvalConfig, real: ImageSet, train: ImageSet | None, generated: list[ImageSet],
-                   notes: list[str]) -> int:
-    """One N for every set compared (FID's bias depends on N)."""
+def images_per_set(cfg: EvalConfig, real: ImageSet, train: ImageSet | None,
+                   generated: list[ImageSet]) -> tuple[int, list[str]]:
+    """One N for every set compared (FID's bias depends on N), and a note when FID is biased at it."""
     n = min([len(real.images)] + [len(g.images) for g in generated] + ([cfg.n] if cfg.n else []))
     if cfg.real_floor and train is not None:
         n = min(n, len(train.images))
-    if n < FID_BIAS_N:
-        notes.append(f"FID with N = {n} < {FID_BIAS_N} images is biased upwards: compare FIDs only at the same N, "
-                     "and read KID (unbiased) beside it")
-    return n
+    return n, [f"FID with N = {n} < {FID_BIAS_N} images is biased upwards: compare FIDs only at the same N, "
+               "and read KID (unbiased) beside it"] if n < FID_BIAS_N else []
 
 
-def subset_sizes(cfg: EvalConfig, n: int, notes: list[str]) -> tuple[int, bool, int]:
-    """KID's subset size, whether KID's std means anything, and IS's number of splits, for N images per set."""
+def subset_sizes(cfg: EvalConfig, n: int) -> tuple[int, bool, int, list[str]]:
+    """KID's subset size, whether KID's std means anything, and IS's number of splits, for N
+    images per set; and the notes on what was lowered."""
+    notes = []
     kid_subset = min(cfg.kid_subset, n)
     if kid_subset < cfg.kid_subset and "kid" in cfg.metrics:
         notes.append(f"KID subset size lowered from {cfg.kid_subset} to {kid_subset} (the number of images per set)")
@@ -140,10 +130,10 @@ def subset_sizes(cfg: EvalConfig, n: int, notes: list[str]) -> tuple[int, bool, 
         notes.append(f"KID has no std: its {kid_subset}-image subsets of {n} images overlap by "
                      f"{kid_subset ** 2 / n:.0f} images on average (the same set when equal), so their spread "
                      f"would not measure the estimate's uncertainty; a std needs --kid-subset at most N/2 = {n // 2}")
-    return kid_subset, kid_std_meaningful, max(1, min(cfg.is_splits, n // 2))
+    return kid_subset, kid_std_meaningful, max(1, min(cfg.is_splits, n // 2)), notes
 
 
-def feature_network(cfg: EvalConfig, feature_net: nn.Module | None, notes: list[str]) -> tuple[nn.Module, str]:
+def feature_network(cfg: EvalConfig, feature_net: nn.Module | None) -> tuple[nn.Module, str]:
     """The network (the given one, else the config's) on the device the evaluation runs on."""
     net = feature_net or load_feature_net(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,32 +142,44 @@ def feature_network(cfg: EvalConfig, feature_net: nn.Module | None, notes: list[
 
         check_cuda("the evaluation")
     net.to(device)
-    if isinstance(net, StandInFeatures):
-        notes.append(f"features: {STANDIN_NAME}")
     return net, device
 
 
+def xrv_network(cfg: EvalConfig, device: str) -> tuple[nn.Module | None, list[str]]:
+    """The XRV DenseNet when a metric the config names uses it (the domain FID; adherence with the
+    xrv scorer), with a note when it cannot be had."""
+    purposes = [what for what, wanted in (("FID", "xrv" in cfg.metrics), ("prompt adherence", (
+        "adherence" in cfg.metrics and cfg.adherence_scorer == "xrv"))) if wanted]
+    return load_xrv(cfg, device, " and ".join(purposes)) if purposes else (None, [])
+
+
 def embed_sets(cfg: EvalConfig, net: nn.Module, real: ImageSet, train: ImageSet | None, generated: list[ImageSet],
-               n: int, cache_dir: Path, progress: bool, hits: list[str]):
+               n: int, cache_dir: Path, progress: bool):
     """(test split's pool features, train split's when the audit needs them, the compared sets:
-    N of each generated set, then N real train films as the floor, with their features)."""
+    N of each generated set, then N real train films as the floor, with their features; the
+    feature caches read)."""
     # Each real image is embedded once: the whole test split (and the whole train split when the
     # audit needs it); the compared subsets are rows of those features.
-    real_features, _ = image_sets.cached_embed(net, real, cache_dir, cfg.batch_size, progress, hits)
-    train_all = (image_sets.cached_embed(net, train, cache_dir, cfg.batch_size, progress, hits)
-                 if "audit" in cfg.metrics else None)
+    real_features, _, hit = embeddings.cached_embed(net, real, cache_dir, cfg.batch_size, progress)
+    hits, train_all = [hit], None
+    if "audit" in cfg.metrics:
+        train_all = embeddings.cached_embed(net, train, cache_dir, cfg.batch_size, progress)
+        hits.append(train_all[2])
     compared = []
     for g in generated:
         subset = take(g, pick(len(g.images), n, cfg.seed))
-        compared.append(Embedded(subset, *image_sets.embed(net, subset.images, cfg.batch_size,
+        compared.append(Embedded(subset, *embeddings.embed(net, subset.images, cfg.batch_size,
                                                            f"features: {subset.name}", progress)))
     if cfg.real_floor and train is not None:
         floor_idx = pick(len(train.images), n, cfg.seed + 1)
         floor = take(train, floor_idx, "real train (floor)")
-        f_pool, f_logits = ((train_all[0][floor_idx], train_all[1][floor_idx]) if train_all is not None
-                            else image_sets.cached_embed(net, floor, cache_dir, cfg.batch_size, progress, hits))
+        if train_all is not None:
+            f_pool, f_logits = train_all[0][floor_idx], train_all[1][floor_idx]
+        else:
+            f_pool, f_logits, hit = embeddings.cached_embed(net, floor, cache_dir, cfg.batch_size, progress)
+            hits.append(hit)
         compared.append(Embedded(floor, f_pool, f_logits))
-    return real_features, (train_all[0] if train_all is not None else None), compared
+    return real_features, (train_all[0] if train_all is not None else None), compared, [h for h in hits if h]
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
@@ -187,46 +189,49 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     return table
 
 
-def adherence_of(run: EvalRun) -> pd.DataFrame:
+def adherence_of(measured: Measurements) -> pd.DataFrame:
     """The adherence table; with its columns and no rows when adherence was not measured."""
-    return run.tables.get("adherence", pd.DataFrame(columns=adh.ADHERENCE_COLUMNS))
+    return measured.tables.get("adherence", pd.DataFrame(columns=adh.ADHERENCE_COLUMNS))
 
 
-def write_outputs(run: EvalRun, table: pd.DataFrame, out: Path, n: int) -> None:
+def diversity_of(measured: Measurements) -> pd.DataFrame:
+    """The diversity table; with its columns and no rows when no set had a prompt twice."""
+    return measured.tables.get("diversity", pd.DataFrame(columns=DIVERSITY_COLUMNS))
+
+
+def write_outputs(inputs: EvalInputs, measured: Measurements, table: pd.DataFrame, out: Path, n: int) -> None:
     """metrics.csv and metrics.json (with the notes, the config and the library versions), and the per-image tables."""
-    generated = [one.images for one in run.generated]
-    baseline = run.audit_baseline
+    baseline = measured.audit_baseline
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", table)
     write_json(out / "metrics.json", {
         "metrics": table.astype(object).where(table.notna(), None).to_dict("records"), "n_per_set": n,
-        "notes": run.notes, "feature_network": run.net.name, "kid_subset": run.kid_subset,
-        "is_splits": run.is_splits, "unreadable": {g.name: g.unreadable for g in generated},
+        "notes": measured.notes, "feature_network": inputs.net.name, "kid_subset": inputs.kid_subset,
+        "is_splits": inputs.is_splits, "unreadable": {one.images.name: one.images.unreadable for one in inputs.generated},
         "audit_baseline": asdict(baseline) if baseline else None,
-        "config": config_to_dict(run.cfg), "versions": library_versions()})
-    audit = run.tables.get("audit", pd.DataFrame())
+        "config": config_to_dict(inputs.cfg), "versions": library_versions()})
+    audit = measured.tables.get("audit", pd.DataFrame())
     if len(audit):
         write_csv(out / "audit.csv", audit.drop(columns=["train_index", "test_index"]))
-    write_csv(out / "diversity.csv", run.tables.get("diversity", pd.DataFrame(columns=DIVERSITY_COLUMNS)))
-    if "adherence" in run.cfg.metrics:
-        write_csv(out / "adherence.csv", adherence_of(run))
+    write_csv(out / "diversity.csv", diversity_of(measured))
+    if "adherence" in inputs.cfg.metrics:
+        write_csv(out / "adherence.csv", adherence_of(measured))
 
 
-def draw_figures(run: EvalRun, table: pd.DataFrame, folder: Path) -> dict:
+def draw_figures(inputs: EvalInputs, measured: Measurements, table: pd.DataFrame, folder: Path) -> dict:
     """The metrics with their intervals, and the audit's, adherence's and diversity's figures when they have rows."""
-    from ..figures import plots
+    from . import result_figures as draw
 
-    figures = {"metrics": plots.metric_intervals(table, save_to=folder / "metrics.png")}
-    audit = run.tables.get("audit", pd.DataFrame())
+    figures = {"metrics": draw.metric_intervals(table, save_to=folder / "metrics.png")}
+    audit = measured.tables.get("audit", pd.DataFrame())
     if len(audit):
-        figures["nearest_pairs"] = plots.nearest_pairs(audit, {one.images.name: one.images for one in run.generated},
-                                                       run.train, run.real, run.audit_baseline,
-                                                       save_to=folder / "nearest_pairs.png")
-    if len(adherence_of(run)):
-        figures["adherence"] = plots.adherence_bars(adherence_of(run), save_to=folder / "adherence.png")
-    diversity = run.tables.get("diversity", pd.DataFrame())
-    if len(diversity):
-        figures["diversity"] = plots.diversity_per_prompt(diversity, save_to=folder / "diversity.png")
+        figures["nearest_pairs"] = draw.nearest_pairs(
+            audit, {one.images.name: one.images for one in inputs.generated}, inputs.train, inputs.real,
+            measured.audit_baseline, save_to=folder / "nearest_pairs.png")
+    if len(adherence_of(measured)):
+        figures["adherence"] = draw.adherence_bars(adherence_of(measured), save_to=folder / "adherence.png")
+    if len(diversity_of(measured)):
+        figures["diversity"] = draw.diversity_per_prompt(diversity_of(measured), save_to=folder / "diversity.png")
     return figures
 
 
@@ -234,7 +239,8 @@ def results_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per set, one column per metric in reading order (FID first, the audit last), each
     headed with its name and which way is better ("FID ↓"); cells are "value [low, high]",
     "value ± std" or "value", and "–" where a set has no value (the real floor has no diversity)."""
-    from ..figures.style import MISSING, metric_label, metric_order
+    from ..figures.style import MISSING
+    from .registry import metric_label, metric_order
 
     def cell(row):
         if pd.notna(row["ci_low"]):
