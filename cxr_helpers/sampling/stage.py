@@ -75,13 +75,19 @@ def sample_identity(cfg: SampleConfig) -> dict:
     prompt i is the same whatever they are)."""
     from dataclasses import replace
 
-    from ..core.ownership import file_digest, model_fingerprint, text_digest
+    from ..core.ownership import text_digest
 
     identity = output_identity(cfg)  # the settings that change the pixels
     identity["prompts"] = text_digest(read_prompts(replace(cfg, limit=None)))
-    identity["model_files"] = model_fingerprint(cfg.model)
-    identity["lora_weights"] = file_digest(check_lora_dir(cfg.lora) / LORA_WEIGHTS)[:20] if cfg.lora else ""
-    return identity
+    return {**identity, **weights_identity(cfg.model, cfg.lora)}
+
+
+def weights_identity(model: str, lora: str) -> dict:
+    """The images' weights by content: the base model's files and the LoRA's (a path names either)."""
+    from ..core.ownership import file_digest, model_fingerprint
+
+    return {"model_files": model_fingerprint(model),
+            "lora_weights": file_digest(check_lora_dir(lora) / LORA_WEIGHTS)[:20] if lora else ""}
 
 
 @dataclass

@@ -16,9 +16,8 @@ from ..core.errors import CxrError
 from ..core.files import atomic_path, read_user_json, write_csv, write_json
 from ..core.ownership import claim
 from ..config.presets import SD15_MODEL_ID
-from ..models.generation import check_lora_dir
-from ..core.layout import LORA_WEIGHTS, SYNTHETIC_MANIFEST
-from .stage import SampleResult, sample
+from ..core.layout import SYNTHETIC_MANIFEST
+from .stage import SampleResult, sample, weights_identity
 
 # The spec's schema: what synthesize reads, nothing else (a misspelt key would be ignored silently).
 SPEC_SAMPLER_KEYS = ("model", "lora", "seed", "steps", "guidance", "resolution", "scheduler", "lora_scale")
@@ -129,15 +128,12 @@ def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None,
 
     It writes only into a folder it made from the same spec, model and LoRA (a rerun continues);
     any other dataset there is refused, or moved aside first with overwrite=True."""
-    from ..core.ownership import file_digest, model_fingerprint
-
     spec = read_spec(spec_path)
     model = model or spec.get("model") or SD15_MODEL_ID
     lora = lora if lora is not None else spec.get("lora", "")
     jobs = expand_spec(spec)
     out = Path(out)
-    claim(out, "synthesize", {"spec": spec, "model": model, "lora": lora or "", "model_files": model_fingerprint(model),
-                              "lora_weights": file_digest(check_lora_dir(lora) / LORA_WEIGHTS)[:20] if lora else ""},
+    claim(out, "synthesize", {"spec": spec, "model": model, "lora": lora or "", **weights_identity(model, lora)},
           overwrite)
     cfg = SampleConfig(model=model, lora=lora or "", out=str(out / "generated"), prompts=[p for p, _ in jobs],
                        seed=int(spec.get("seed", 0)), steps=int(spec.get("steps", 20)),
