@@ -96,6 +96,16 @@ METADATA_COLUMNS = ["file", "prompt", "prompt_index", "k", "seed", "steps", "sch
                     "n_tokens", "truncated"]
 CACHE_IMAGES_SUBDIR = "images"  # CACHE/images: the resized-image cache every stage shares
 
+# ---------------------------------------------------------------- an evaluation folder -------
+METRICS_CSV = "metrics.csv"  # one row per set and metric
+METRICS_JSON = "metrics.json"  # the same rows, with the notes, the config and the library versions
+AUDIT_CSV = "audit.csv"  # per generated image: its nearest train and test films
+DIVERSITY_CSV = "diversity.csv"  # per set and prompt: within-prompt MS-SSIM
+ADHERENCE_CSV = "adherence.csv"  # per set and finding: AUROC with its interval
+
+MODEL_INDEX_JSON = "model_index.json"  # diffusers' mark of a pipeline folder
+KAGGLE_BUILD_JSON = "build.json"  # in a `kaggle build` folder: what was built, for `kaggle push`
+
 
 def image_path(data_dir: str | os.PathLike, filename: str) -> Path:
     return Path(data_dir) / IMAGES_SUBDIR / filename

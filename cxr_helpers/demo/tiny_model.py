@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from ..config.stages import CLIP_MAX_TOKENS, TinyModelConfig, output_identity, save_config
-from ..core.layout import TINY_MODEL_CONFIG_JSON
+from ..core.layout import MODEL_INDEX_JSON, TINY_MODEL_CONFIG_JSON
 from ..models.tokenizer import CLIP_VOCAB_SIZE, load_tokenizer, write_clip_tokenizer
 
 # SD1.5's scheduler config (scheduler/scheduler_config.json of the hub repo).
@@ -116,7 +116,7 @@ def tiny_model_is_built(out: str | Path, cfg: TinyModelConfig) -> bool:
     from ..core.ownership import read_owner
 
     out = Path(out)
-    if not ((out / TINY_MODEL_CONFIG_JSON).is_file() and (out / "model_index.json").is_file()):
+    if not ((out / TINY_MODEL_CONFIG_JSON).is_file() and (out / MODEL_INDEX_JSON).is_file()):
         return False  # the config is written last: without it the model is not complete
     record = read_owner(out)
     return record is not None and record["stage"] == "tiny_model" and record["identity"] == output_identity(cfg)

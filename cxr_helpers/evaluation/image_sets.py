@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config.stages import EvalConfig
 from ..core.errors import CxrError
+from ..core.layout import METADATA_CSV
 
 REAL_TEST_SET = "real test"  # the test split, the real side of every comparison
 
@@ -53,7 +54,7 @@ def real_set(cfg: EvalConfig, split: str, data_dir: Path, cache_dir: Path, name:
 
 def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     """A sample directory's images (metadata.csv lists them); unreadable files are skipped and counted."""
-    meta_path = folder / "metadata.csv"
+    meta_path = folder / METADATA_CSV
     if not folder.is_dir():
         raise CxrError(f"generated dir {folder} does not exist; make it with `python -m cxr_helpers sample`")
     if not meta_path.is_file():

@@ -26,6 +26,7 @@ from ..config.stages import EvalConfig, config_to_dict
 from ..core.environment import cache_root, library_versions
 from ..core.errors import CxrError
 from ..core.files import write_csv, write_json
+from ..core.layout import ADHERENCE_CSV, AUDIT_CSV, DIVERSITY_CSV, METRICS_CSV, METRICS_JSON
 from .features import STANDIN_NAME, StandInFeatures, load_feature_net, load_xrv
 from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
 from .inputs import Embedded, EvalInputs
@@ -203,8 +204,8 @@ def write_outputs(inputs: EvalInputs, measured: Measurements, table: pd.DataFram
     """metrics.csv and metrics.json (with the notes, the config and the library versions), and the per-image tables."""
     baseline = measured.audit_baseline
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "metrics.csv", table)
-    write_json(out / "metrics.json", {
+    write_csv(out / METRICS_CSV, table)
+    write_json(out / METRICS_JSON, {
         "metrics": table.astype(object).where(table.notna(), None).to_dict("records"), "n_per_set": n,
         "notes": measured.notes, "feature_network": inputs.net.name, "kid_subset": inputs.kid_subset,
         "is_splits": inputs.is_splits, "unreadable": {one.images.name: one.images.unreadable for one in inputs.generated},
@@ -212,10 +213,10 @@ def write_outputs(inputs: EvalInputs, measured: Measurements, table: pd.DataFram
         "config": config_to_dict(inputs.cfg), "versions": library_versions()})
     audit = measured.tables.get("audit", pd.DataFrame())
     if len(audit):
-        write_csv(out / "audit.csv", audit.drop(columns=["train_index", "test_index"]))
-    write_csv(out / "diversity.csv", diversity_of(measured))
+        write_csv(out / AUDIT_CSV, audit.drop(columns=["train_index", "test_index"]))
+    write_csv(out / DIVERSITY_CSV, diversity_of(measured))
     if "adherence" in inputs.cfg.metrics:
-        write_csv(out / "adherence.csv", adherence_of(measured))
+        write_csv(out / ADHERENCE_CSV, adherence_of(measured))
 
 
 def draw_figures(inputs: EvalInputs, measured: Measurements, table: pd.DataFrame, folder: Path) -> dict:

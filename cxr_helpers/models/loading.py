@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import CxrError
+from ..core.layout import MODEL_INDEX_JSON
 from .hub import from_hub, is_local
 from .tokenizer import load_tokenizer
 
@@ -42,7 +43,7 @@ def load_pipeline(model: str | Path, torch_dtype=None):
         kwargs[_dtype_argument()] = torch_dtype
     if is_local(model):
         path = Path(model).expanduser()
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX_JSON).is_file():
             raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
                            "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
         return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
@@ -63,7 +64,7 @@ def load_training_parts(model: str | Path, weight_dtype=None):
 
     df_logging.set_verbosity_error()
     model = str(model)
-    if is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
+    if is_local(model) and not (Path(model).expanduser() / MODEL_INDEX_JSON).is_file():
         raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
                        "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
     tokenizer = load_tokenizer(model)

@@ -164,7 +164,7 @@ class PromptPanel:
         """What the Save button does: the shown images as PNGs in `save_dir`, with a metadata.csv
         row each in `sample`'s columns (a later Save adds rows)."""
         from ..core.files import atomic_path, write_csv, write_json
-        from ..core.layout import METADATA_COLUMNS
+        from ..core.layout import METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
         from .stage import metadata_row
 
         if not self.images or self.shown is None:
@@ -174,10 +174,10 @@ class PromptPanel:
             self._say("No folder to save into: make the panel with save_dir=FOLDER.")
             return None
         out = self.save_dir
-        if (out / "sample_config.json").is_file():
+        if (out / SAMPLE_CONFIG_JSON).is_file():
             self._say(f"{out} holds a sample run's images; pick another save_dir so the two sets do not mix.")
             return None
-        metadata_csv = out / "metadata.csv"
+        metadata_csv = out / METADATA_CSV
         before = pd.read_csv(metadata_csv) if metadata_csv.is_file() else pd.DataFrame(columns=METADATA_COLUMNS)
         index = int(before["prompt_index"].max()) + 1 if len(before) else 0
         s = self.shown

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..core.errors import CxrError
 from ..core.files import read_user_json, write_json
+from ..core.layout import KAGGLE_BUILD_JSON
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = "kaggle-metadata.json"
@@ -175,7 +176,7 @@ def build(out: str | Path, owner: str | None = None, accelerator: str | None = N
         write_json(folder / entry["notebook"], publishable(notebooks_dir / entry["notebook"]))
         write_json(folder / "kernel-metadata.json", kernel_metadata(entry, manifest, owner, accelerator))
         folders.append(folder)
-    write_json(out / "build.json", {"owner": owner, "accelerator": accelerator,
+    write_json(out / KAGGLE_BUILD_JSON, {"owner": owner, "accelerator": accelerator,
                                     "order": [f.name for f in folders], "wheel": wheel.name})
     return folders
 
@@ -191,9 +192,9 @@ def credentials_present() -> bool:
 
 def read_build(build_dir: str | Path) -> dict:
     build_dir = Path(build_dir)
-    info_path = build_dir / "build.json"
+    info_path = build_dir / KAGGLE_BUILD_JSON
     if not info_path.is_file():
-        raise CxrError(f"{build_dir} is not a build folder (no build.json); run `python -m cxr_helpers kaggle build --out {build_dir}` first")
+        raise CxrError(f"{build_dir} is not a build folder (no {KAGGLE_BUILD_JSON}); run `python -m cxr_helpers kaggle build --out {build_dir}` first")
     info = json.loads(info_path.read_text())
     if info["owner"] == OWNER_PLACEHOLDER:
         raise CxrError(f"the build in {build_dir} has the placeholder owner; rebuild with --owner YOUR_KAGGLE_USERNAME")
