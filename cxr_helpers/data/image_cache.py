@@ -6,18 +6,22 @@ once across runs."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from ..core.errors import CxrError
 from ..core.files import atomic_path
 
 RESAMPLING = "lanczos"  # part of the cache key: another filter would be another picture
+ENTRY_KEY, ENTRY_DIGEST = "cxr-cache-key", "cxr-pixels-sha256"  # a cached PNG's text: its source and pixels
+log = logging.getLogger(__name__)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TRAILER = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
 
@@ -111,23 +115,27 @@ class ResizedImageCache:
         self.fit = fit
         self.folder = Path(cache_dir) / f"{resolution}px-{fit}" if cache_dir else None
 
+    def key_for(self, source: Path) -> str:
+        stat = source.stat()
+        return f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{self.resolution}|{self.fit}|{RESAMPLING}"
+
     def path_for(self, source: Path) -> Path | None:
         if self.folder is None:
             return None
-        stat = source.stat()
-        key = f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{self.resolution}|{self.fit}|{RESAMPLING}"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        digest = hashlib.sha1(self.key_for(source).encode()).hexdigest()[:16]
         return self.folder / f"{source.name.split('.')[0]}-{digest}.png"
 
     def holds(self, source: Path) -> bool:
         return self.folder is not None and source.is_file() and self.path_for(source).is_file()
 
     def load(self, source: Path) -> Image.Image:
-        """The resized 8-bit grayscale copy of `source`: read from the cache, else made and stored."""
+        """The resized 8-bit grayscale copy of `source`: read from the cache when the entry checks
+        out, else made and stored."""
         cached = self.path_for(source)
         if cached is not None and cached.is_file():
-            with Image.open(cached) as im:
-                return im.convert("L")
+            entry = self._checked_entry(cached, self.key_for(source))
+            if entry is not None:
+                return entry
         try:
             small = resize_xray(_decode_full_image(source), self.resolution, self.fit)
         except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -135,6 +143,45 @@ class ResizedImageCache:
                            "or replace the file") from None
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
+            text = PngInfo()  # what the entry was made from, and its pixels' digest: read back by _checked_entry
+            text.add_text(ENTRY_KEY, self.key_for(source))
+            text.add_text(ENTRY_DIGEST, _pixels_digest(small))
             with atomic_path(cached) as tmp:
-                small.save(tmp, format="PNG")
+                small.save(tmp, format="PNG", pnginfo=text)
         return small
+
+    def _checked_entry(self, path: Path, key: str) -> Image.Image | None:
+        """The cached image when it is whole, of this size, and made from this source; else None
+        with a log line (the caller makes it again)."""
+        try:
+            with Image.open(path) as im:
+                im.load()
+                entry, info = im.convert("L"), dict(im.text)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            why = f"unreadable ({exc.__class__.__name__})"
+        else:
+            if info.get(ENTRY_KEY) != key:
+                why = "made from another film or other settings"
+            elif entry.size != (self.resolution, self.resolution):
+                why = f"{entry.size[0]}x{entry.size[1]} px, not {self.resolution}"
+            elif info.get(ENTRY_DIGEST) != _pixels_digest(entry):
+                why = "damaged (its pixels do not match their digest)"
+            else:
+                return entry
+        _report_remade(path, why)
+        return None
+
+
+_remade = [0]  # cached images remade in this process: a cache of thousands gets a few lines, not thousands
+REPORTED_REMADE = 3
+
+
+def _report_remade(path: Path, why: str) -> None:
+    _remade[0] += 1
+    if _remade[0] <= REPORTED_REMADE:
+        log.warning("cached image %s is %s: making it again%s", path, why,
+                    " (further ones are remade without a line each)" if _remade[0] == REPORTED_REMADE else "")
+
+
+def _pixels_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()[:32]

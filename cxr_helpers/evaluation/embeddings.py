@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_path
+from ..core.cache_entries import read_entry, write_entry
 from .image_sets import ImageSet
 
 
@@ -48,9 +48,8 @@ def embed(net: nn.Module, images: torch.Tensor, batch_size: int = 32, desc: str 
 def cached_embed(net, image_set: ImageSet, cache_dir: Path, batch_size: int,
                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, str | None]:
     """Features of a real image set, cached on disk keyed by its image list and the network:
-    (pool features, logits, the cache file's name when they were read from it, else None)."""
-    from safetensors.torch import load_file, save_file
-
+    (pool features, logits, the cache file's name when they were read from it, else None). An
+    entry that fails its own check (core/cache_entries.py) is recomputed."""
     digest = hashlib.sha256(net.key.encode())
     for tensor in net.state_dict().values():  # the weights too: another weights file, other features
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -58,12 +57,12 @@ def cached_embed(net, image_set: ImageSet, cache_dir: Path, batch_size: int,
     for name in image_set.files:
         digest.update(name.encode() + b"\n")
     digest.update(hashlib.sha256(image_set.images.numpy().tobytes()).digest())  # the pixels themselves
-    path = cache_dir / f"features-{net.key}-{digest.hexdigest()[:20]}.safetensors"
-    if path.is_file():
-        cached = load_file(str(path))
+    key = digest.hexdigest()
+    path = cache_dir / f"features-{net.key}-{key[:20]}.safetensors"
+    n = len(image_set.images)
+    cached = read_entry(path, key, rows={"pool": n, "logits": n})
+    if cached is not None:
         return cached["pool"], cached["logits"], path.name
     pool, logits = embed(net, image_set.images, batch_size, f"features: {image_set.name}", progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"pool": pool.contiguous(), "logits": logits.contiguous()}, str(tmp))
+    write_entry(path, {"pool": pool, "logits": logits}, key)
     return pool, logits, None

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config.stages import TrainConfig
-from ..core.files import atomic_path
+from ..core.cache_entries import read_entry, write_entry
 from ..core.layout import CACHE_IMAGES_SUBDIR, encodings_name, image_path
 from ..core.ownership import model_fingerprint
 
@@ -73,15 +73,16 @@ def encode_images(pixels: torch.Tensor, vae, device, dtype) -> torch.Tensor:
 
 def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, cache_dir: Path,
                             tokenizer, text_encoder, vae, device, weight_dtype, progress: bool = True) -> Encodings:
-    from safetensors.torch import load_file, save_file
-
     key = cache_key(cfg, pairs, data_dir, weight_dtype)
     path = cache_dir / encodings_name(key)
     prompts = sorted(set(pairs["prompt"]))
     index = {p: i for i, p in enumerate(prompts)}
     prompt_index = torch.tensor([index[p] for p in pairs["prompt"]], dtype=torch.long)
-    if path.is_file():
-        cached = load_file(str(path))
+    rows = {"moments": len(pairs), "embeddings": len(prompts)}
+    if cfg.random_flip:
+        rows["moments_flipped"] = len(pairs)
+    cached = read_entry(path, key, rows)  # None when absent, or damaged or foreign (then recomputed)
+    if cached is not None:
         return Encodings(cached["moments"], cached.get("moments_flipped"), prompt_index, cached["embeddings"],
                          key, True, 0, 0)
     moments, flipped = _encode_pair_images(cfg, pairs, data_dir, cache_dir, vae, device, weight_dtype, progress)
@@ -89,8 +90,7 @@ def load_or_build_encodings(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Pat
     tensors = {"moments": moments, "embeddings": embeddings.contiguous()}
     if flipped is not None:
         tensors["moments_flipped"] = flipped
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"key": key, "model": cfg.model, "resolution": str(cfg.resolution)})
+    write_entry(path, tensors, key, model=cfg.model, resolution=str(cfg.resolution))
     return Encodings(tensors["moments"], tensors.get("moments_flipped"), prompt_index, embeddings, key, False,
                      len(moments), len(prompts))
 
