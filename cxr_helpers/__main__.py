@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from .config.stages import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig, SynthesizeConfig, TinyModelConfig,
                             TrainConfig, config_to_dict, load_config, stage_config)

@@ -82,7 +82,7 @@ def write_set(folder, images, prompts):
     """A folder shaped like the sampling stage's output."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
+    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         name = f"{i:05d}_00_seed{i}.png"
         image.save(folder / name)
         rows.append({"file": name, "prompt": prompt})

@@ -164,7 +164,7 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
             # Run > Run All Cells, as a user does, once the kernel is up (the status bar says Idle
             # before a slow kernel answers; cells sent then are dropped, so click again if none starts).
             page.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=120_000)
-            for attempt in range(4):
+            for _ in range(4):
                 page.locator(".jp-Notebook").first.click()
                 page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
                 page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()

@@ -64,7 +64,7 @@ def test_broken_images_are_excluded_not_fatal(tmp_path, tokenizer):
     (folder / "3_IM-0003-4001.dcm.png").write_text("<html>not an image</html>")  # not a PNG
     (folder / "4_IM-0004-4001.dcm.png").write_bytes(b"")  # empty file
     result = run(root, tmp_path / "out", tokenizer)
-    reasons = dict(zip(result.excluded["filename"], result.excluded["reason"]))
+    reasons = dict(zip(result.excluded["filename"], result.excluded["reason"], strict=True))
     assert reasons == {"1_IM-0001-4001.dcm.png": "missing_image", "2_IM-0002-4001.dcm.png": "unreadable_image",
                        "3_IM-0003-4001.dcm.png": "unreadable_image", "4_IM-0004-4001.dcm.png": "unreadable_image"}
     assert result.summary["excluded_by_reason"]["unreadable_image"] == 3
@@ -183,7 +183,7 @@ def test_each_full_size_png_is_decoded_once_across_runs(synth_dir, tmp_path, tok
     second = ChestXrayDataset(pairs, synth_dir, cache_dir=tmp_path / "cache")  # a later run
     b = [second[i]["pixel_values"] for i in range(6)]
     assert len(decoded) == 6 and second.warm_cache(progress=False) == 0
-    assert all(bool((x == y).all()) for x, y in zip(a, b))
+    assert all(bool((x == y).all()) for x, y in zip(a, b, strict=True))
     # A changed source file is a new key: decoded again, not served stale.
     source = synth_dir / "images" / "images_normalized" / pairs.at[0, "filename"]
     Image.open(source).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "flipped.png")

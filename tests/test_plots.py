@@ -54,7 +54,7 @@ def test_every_set_keeps_its_colour_across_figures():
     fig = result_figures.diversity_per_prompt(diversity)
     ax = fig.axes[0]
     legend = {t.get_text().split(" (")[0]: to_hex(h.get_facecolor()) for t, h in
-              zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+              zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles, strict=True)}
     assert legend == {"fine-tuned": SET_COLOURS["fine-tuned"], "base": SET_COLOURS["base"]}
     assert "3 distinct prompts, 12 images per set" in ax.get_title()
 

@@ -68,8 +68,8 @@ def test_prompts_control_the_pictures():
     right = [base_asymmetry(f) for f in _films([Finding("effusion", side="right", severity="small")])]
     left = [base_asymmetry(f) for f in _films([Finding("effusion", side="left", severity="small")])]
     clear = [base_asymmetry(f) for f in _films([])]
-    assert all(r - c > 4 for r, c in zip(right, clear))
-    assert all(c - lf > 4 for lf, c in zip(left, clear))
+    assert all(r - c > 4 for r, c in zip(right, clear, strict=True))
+    assert all(c - lf > 4 for lf, c in zip(left, clear, strict=True))
     # Opacity: the named lobe is brighter than in the same patients without it.
     def zone(film):
         return film[34:50, 24:56].mean()

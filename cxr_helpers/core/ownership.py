@@ -18,7 +18,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from .errors import CxrError
 from .files import read_json, write_json

@@ -35,4 +35,4 @@ def count_tokens(prompts, tokenizer) -> dict[str, int]:
     if not distinct:
         return {}
     ids = tokenizer(distinct, truncation=False, add_special_tokens=True)["input_ids"]
-    return {p: len(i) for p, i in zip(distinct, ids)}
+    return {p: len(i) for p, i in zip(distinct, ids, strict=True)}

@@ -71,7 +71,7 @@ def caption_films(views: list[str], seed: int) -> list[str]:
     chance sometimes towards a finding (a base at 0.71 for effusion on one torch version)."""
     rng = np.random.default_rng([seed, _FILM_STREAM + 1])
     captions = []
-    for i, (roll, view) in enumerate(zip(rng.random(len(views)), views)):
+    for i, (roll, view) in enumerate(zip(rng.random(len(views)), views, strict=True)):
         if roll < EMPTY_CAPTION_SHARE:
             captions.append("")
         elif roll < 2 * EMPTY_CAPTION_SHARE:

@@ -142,7 +142,7 @@ def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSe
         table, skipped = adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases)
         parts.append(table)
         notes += skipped
-    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int)))
+    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int), strict=True))
     truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
     scores = scorer.score(real.images, cfg.batch_size, progress)
     table, skipped = adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases)

@@ -255,7 +255,7 @@ def load_feature_net(cfg: EvalConfig) -> nn.Module:
     return FEATURE_NETS[cfg.feature_net](cfg)
 
 
-def load_xrv(cfg: EvalConfig, device: str, purpose: str) -> tuple["XRVFeatures | None", list[str]]:
+def load_xrv(cfg: EvalConfig, device: str, purpose: str) -> tuple[XRVFeatures | None, list[str]]:
     """(the XRV DenseNet, []), or (None, a note saying why) when it cannot be had (it is optional)."""
     try:
         return XRVFeatures(cfg.xrv_weights or None).to(device), []

@@ -20,13 +20,13 @@ def metric_intervals(table: pd.DataFrame, save_to=None):
     (each set in its colour in every panel) with its 95% interval (FID) or ± std (KID, IS)."""
     metrics = [m for m in metric_order(table["metric"]) if not is_audit(m)]  # counts: the audit's table and figure
     sets = list(dict.fromkeys(table["set"]))
-    colour = dict(zip(sets, set_colours(sets)))
+    colour = dict(zip(sets, set_colours(sets), strict=True))
     cols = min(4, max(1, len(metrics)))
     rows = max(1, int(np.ceil(len(metrics) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.8), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, metric in zip(axes.flat, metrics):
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         ax.axis("on")
         part = table[table["metric"] == metric]
         values = part["value"].astype(float).to_numpy()
@@ -81,7 +81,7 @@ def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
     pad = max(0.02, 0.05 * (high - low))
     bins = np.linspace(max(0.0, low - pad), min(1.0, high + pad), 13)
     fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
-    ax.hist(values, bins=bins, color=set_colours(sets), label=[f"{s} (mean {v.mean():.3f})" for s, v in zip(sets, values)])
+    ax.hist(values, bins=bins, color=set_colours(sets), label=[f"{s} (mean {v.mean():.3f})" for s, v in zip(sets, values, strict=True)])
     ax.set_xlabel("mean pairwise MS-SSIM among the images of one prompt (lower = more diverse)")
     ax.set_ylabel("prompts")
     ax.yaxis.get_major_locator().set_params(integer=True)

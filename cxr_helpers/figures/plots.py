@@ -117,7 +117,7 @@ def image_grid(images, captions, columns: int = 4, save_to=None, title: str | No
     for ax in axes.flat:
         ax.axis("off")
     colours = list(colours) if colours is not None else [caption_colour(c) for c in captions]
-    for ax, im, text, colour in zip(axes.flat, images, captions, colours):
+    for ax, im, text, colour in zip(axes.flat, images, captions, colours, strict=False):
         ax.imshow(np.asarray(im.convert("L") if hasattr(im, "convert") else im), cmap="gray", vmin=0, vmax=255)
         ax.set_title(caption(text, width), fontsize=8, color=colour)
     if title:
@@ -127,7 +127,7 @@ def image_grid(images, captions, columns: int = 4, save_to=None, title: str | No
 
 def split_sizes(summary: dict, save_to=None):
     fig, axes = plt.subplots(1, 2, figsize=(7, 3))
-    for ax, key, label in zip(axes, ("pairs_by_split", "patients_by_split"), ("pairs", "patients (uids)")):
+    for ax, key, label in zip(axes, ("pairs_by_split", "patients_by_split"), ("pairs", "patients (uids)"), strict=True):
         values = summary[key]
         bars = ax.bar(list(values), list(values.values()), color=["#4c72b0", "#dd8452"])
         ax.bar_label(bars, padding=2)

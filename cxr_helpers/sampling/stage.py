@@ -170,7 +170,7 @@ def _written(out: Path, row: dict, upscale: int) -> bool:
 
 
 def _save_images(out: Path, rows: list[dict], images: list[Image.Image], upscale: int) -> None:
-    for row, image in zip(rows, images):
+    for row, image in zip(rows, images, strict=True):
         with atomic_path(out / row["file"]) as tmp:
             image.save(tmp, format="PNG")
         if upscale:

@@ -157,7 +157,7 @@ def _write_dataset(out: Path, result: SampleResult, jobs: list[tuple[str, str]],
     images_dir = out / IMAGES_SUBDIR
     images_dir.mkdir(parents=True, exist_ok=True)
     reports, projections = [], []
-    for row, (prompt, label) in zip(result.metadata.itertuples(), jobs):
+    for row, (prompt, label) in zip(result.metadata.itertuples(), jobs, strict=True):
         uid = uid_start + row.prompt_index
         name = f"{uid}_IM-{uid % 10000:04d}-4001.dcm.png"
         with atomic_path(images_dir / name) as tmp:

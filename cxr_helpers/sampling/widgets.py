@@ -185,7 +185,7 @@ class PromptPanel:
                              guidance=s["guidance"], negative_prompt="", lora_scale=s["lora_scale"], model=self.model,
                              lora=self.lora if self.has_lora else "", resolution=s["resolution"])
                 for k, seed in enumerate(s["seeds"])]
-        for row, image in zip(rows, self.images):
+        for row, image in zip(rows, self.images, strict=True):
             with atomic_path(out / row["file"]) as tmp:
                 image.save(tmp, format="PNG")
         new = pd.DataFrame(rows, columns=METADATA_COLUMNS)

@@ -47,7 +47,7 @@ def cache_key(cfg: TrainConfig, pairs: pd.DataFrame, data_dir: Path, weight_dtyp
     h = hashlib.sha256()
     h.update(model_fingerprint(cfg.model, parts=ENCODER_PARTS).encode())  # the frozen encoders only
     h.update(f"|{cfg.resolution}|{cfg.fit}|{cfg.random_flip}|{weight_dtype}|".encode())
-    for filename, prompt in zip(pairs["filename"], pairs["prompt"]):
+    for filename, prompt in zip(pairs["filename"], pairs["prompt"], strict=True):
         source = image_path(data_dir, filename)
         stat = source.stat() if source.exists() else None
         h.update(f"{filename}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}:{prompt}\n".encode())

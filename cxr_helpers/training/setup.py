@@ -31,7 +31,7 @@ def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def pairs_digest(pairs: pd.DataFrame) -> str:
     """What a run's identity records of its train pairs: file names and prompts."""
-    return text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"]))
+    return text_digest(f"{f}\t{p}" for f, p in zip(pairs["filename"], pairs["prompt"], strict=True))
 
 
 def holds_finished_run(cfg: TrainConfig) -> bool:
