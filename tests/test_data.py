@@ -261,8 +261,9 @@ def test_a_decompression_bomb_header_is_an_unreadable_image(tmp_path, tokenizer)
     import zlib
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
-                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
                      + chunk(b"IEND", b""))
     result = run(root, tmp_path / "out", tokenizer, test_fraction=0.5)

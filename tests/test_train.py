@@ -285,8 +285,9 @@ def test_resume_checks_the_checkpoint_and_the_inputs(pairs_csv, synth_dir, tiny_
                  validation_prompts=()), progress=False)
     state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state["processes"] == 1 and state["prediction_type"] == "epsilon" and "grad_scaler" in state
-    resume = lambda **kw: train(config(pairs_csv, synth_dir, model, out, max_steps=3, checkpoint_every=1,
-                                       keep_checkpoints=3, validation_prompts=(), **kw), progress=False)
+    def resume(**kw):
+        return train(config(pairs_csv, synth_dir, model, out, max_steps=3, checkpoint_every=1, keep_checkpoints=3,
+                            validation_prompts=(), **kw), progress=False)
 
     def edited(make_change, message):
         copy = tmp_path / "edited" / "step-0000002"
