@@ -7,10 +7,8 @@ print one sentence and exit with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,6 +18,7 @@ from .config.stages import (EvalConfig, PrepareConfig, SampleConfig, SynthConfig
                             TrainConfig, config_to_dict, load_config, stage_config)
 from .core.environment import is_main_process
 from .core.errors import CxrError
+from .core.logs import lines_to
 from .config.flags import add_config_flags, given_values
 from .core.layout import EXCLUDED_CSV, PAIRS_CSV, SUMMARY_JSON
 from .config.presets import PRESET_CHOICES
@@ -221,32 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
-class _LogLines(logging.Formatter):
-    """A bare message per line; warnings and errors say so, like the "error:" sentences."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
-
-
-@contextlib.contextmanager
-def _log_to_stderr():
-    """While a command runs, the package's log lines (INFO and up) go to stderr."""
-    logger = logging.getLogger("cxr_helpers")
-    handler, level = logging.StreamHandler(sys.stderr), logger.level
-    handler.setFormatter(_LogLines())
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _log_to_stderr():
+    with lines_to(sys.stderr):  # the package's diagnostics, while the command runs
         return _run(args)
 
 

@@ -250,3 +250,29 @@ def test_bad_input_table(good, tmp_path, tiny_model_dir, capsys, args, message):
     assert len(errors) == 1 and message in errors[0], err
     assert _snapshot(root) == before
     assert not (bad / "payload-ran").exists()
+
+
+def test_log_lines_show_under_the_notebook_cell_once(tmp_path):
+    """The stages log their diagnostics; in a notebook they print under the cell (INFO too, which
+    logging alone would drop), once however often the setup runs; outside a kernel nothing is added."""
+    import logging
+
+    import nbformat
+    import papermill
+
+    from cxr_helpers.core.logs import show_in_notebook
+
+    before = list(logging.getLogger("cxr_helpers").handlers)
+    show_in_notebook()  # not in a kernel here
+    assert logging.getLogger("cxr_helpers").handlers == before
+    code = ("import logging\nfrom cxr_helpers.core.logs import show_in_notebook\nshow_in_notebook()\n"
+            "show_in_notebook()\nlogging.getLogger('cxr_helpers.training.stage').info('train: a diagnostic')\n"
+            "logging.getLogger('cxr_helpers.data').warning('a warning')")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, str(tmp_path / "in.ipynb"))
+    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path))
+    outputs = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert text == "train: a diagnostic\nwarning: a warning\n"

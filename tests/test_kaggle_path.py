@@ -129,7 +129,7 @@ def test_relayed_training_shows_one_bar_not_a_flood(pairs_csv, synth_dir, tiny_m
     assert echoed == [line for line in child if not line.startswith(PROGRESS_PREFIX)] and len(echoed) < len(child)
 
 
-def test_resume_latest_adopts_an_attached_earlier_output(tmp_path, monkeypatch, capsys):
+def test_resume_latest_adopts_an_attached_earlier_output(tmp_path, monkeypatch, caplog):
     from cxr_helpers.training.checkpoints import find_checkpoint
 
     earlier = tmp_path / "kaggle" / "input" / "notebooks" / "me" / "cxr-lora-02" / "cxr-lora" / "train" / "checkpoints"
@@ -144,8 +144,9 @@ def test_resume_latest_adopts_an_attached_earlier_output(tmp_path, monkeypatch, 
     with pytest.raises(CxrError, match="holds no checkpoint; start without --resume"):
         find_checkpoint(out, "latest")  # off Kaggle, inputs are not searched
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    found = find_checkpoint(out, "latest")
+    with caplog.at_level("INFO", logger="cxr_helpers"):
+        found = find_checkpoint(out, "latest")
     assert found == out / "checkpoints" / "step-0000500" and (found / "state.json").is_file()
     assert (earlier / "step-0000500").is_dir()  # the read-only input is copied, not moved
-    assert "continuing an earlier session's run" in capsys.readouterr().out
+    assert "continuing an earlier session's run" in caplog.text
     assert find_checkpoint(out, "latest") == found  # now local: nothing copied again

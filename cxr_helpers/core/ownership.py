@@ -10,6 +10,7 @@ and nothing is lost.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import fcntl
 import hashlib
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 
 from .errors import CxrError
 from .files import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 OWNER_FILE = "cxr_owner.json"
 LOCK_FILE = ".cxr.lock"
@@ -109,7 +112,7 @@ def claim(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool
     if not overwrite:
         raise CxrError(f"{problem}; use another --out, or pass --overwrite to move the old content aside")
     moved = move_aside(folder, keep)
-    print(f"--overwrite: moved the old content of {folder} to {moved}", flush=True)
+    log.info("--overwrite: moved the old content of %s to %s", folder, moved)
     _write(folder, stage, identity)
     return "new"
 

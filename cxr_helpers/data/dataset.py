@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from .tables import load_pairs
 from ..core.errors import CxrError

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..core.errors import CxrError
 from ..core.files import atomic_path

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..config.stages import TinyModelConfig, TrainConfig
 from ..data.image_cache import resize_xray

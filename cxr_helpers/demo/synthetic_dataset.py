@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..config.stages import SynthConfig, save_config
 from ..core.files import atomic_path, write_csv

@@ -69,7 +69,7 @@ class XRVClassifier:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
-        from tqdm.auto import tqdm
+        from ..core.bars import tqdm
 
         device = next(self.net.parameters()).device
         outputs = []

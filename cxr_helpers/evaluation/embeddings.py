@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..core.cache_entries import read_entry, write_entry
 from .image_sets import ImageSet

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..config.stages import CLIP_MAX_TOKENS, SampleConfig, output_identity
 from ..core.environment import library_versions

@@ -8,6 +8,7 @@ uninterrupted run. On Kaggle, a checkpoint in an earlier session's attached outp
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from ..core.layout import (CACHE_DIR, CHECKPOINT_GLOB, CHECKPOINT_LORA, CHECKPOI
                            CHECKPOINT_PREFIX, CHECKPOINT_STATE_JSON, CHECKPOINTS_DIR, LORA_SUBDIR, LOSS_CSV,
                            TRAIN_REQUEST_JSON, TRAIN_STAGE_DIR, checkpoint_name, checkpoint_step)
 from ..core.ownership import file_digest
+
+log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ["step", "loss", "lr", "epoch", "images_per_s"]  # loss.csv, in the run and in each checkpoint
 CHECKPOINT_PARTS = (CHECKPOINT_LORA, CHECKPOINT_OPTIMIZER, CHECKPOINT_OPTIMIZER_JSON, LOSS_CSV)
@@ -149,8 +152,7 @@ def find_checkpoint(out: Path, resume: str) -> Path:
         # One process adopts (run_training does it before starting several).
         if not found and is_main_process() and (attached := attached_checkpoints()):
             found = [adopt_checkpoint(out, attached[-1])]
-            print(f"resume latest: continuing an earlier session's run from {attached[-1]} (copied to {found[0]})",
-                  flush=True)
+            log.info("resume latest: continuing an earlier session's run from %s (copied to %s)", attached[-1], found[0])
         if not found:
             raise CxrError(f"--resume latest: {out / CHECKPOINTS_DIR} holds no checkpoint"
                            + (" and no attached input holds one" if on_kaggle() else "")
@@ -207,8 +209,8 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
                        + "); resume it with the same inputs, or start a new --out")
     unchecked = [k for k in RESUME_STATE_MUST_MATCH if k not in state]
     if unchecked:
-        print(f"warning: {checkpoint} predates the resume checks of {', '.join(unchecked)}; make sure they are "
-              "the same as when it was written", flush=True)
+        log.warning("%s predates the resume checks of %s; make sure they are the same as when it was written",
+                    checkpoint, ", ".join(unchecked))
     return state
 
 
@@ -226,7 +228,7 @@ def check_fresh_start(out: Path, identity: dict, overwrite: bool) -> None:
             raise CxrError(f"{out} holds a training run ({where}{finished}); continue it with --resume latest, "
                            "start over with --overwrite (the old run is moved aside), or use another --out")
         moved = move_aside(out, keep=TRAIN_KEEP)
-        print(f"--overwrite: moved the earlier run in {out} to {moved}", flush=True)
+        log.info("--overwrite: moved the earlier run in %s to %s", out, moved)
     claim(out, "train", identity, overwrite, ignore=TRAIN_KEEP, keep=TRAIN_KEEP)
 
 

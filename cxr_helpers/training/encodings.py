@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from ..config.stages import TrainConfig
 from ..core.cache_entries import read_entry, write_entry

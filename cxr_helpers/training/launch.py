@@ -3,6 +3,7 @@ this), so run_training starts the train stage under `accelerate launch` and rela
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from ..core.errors import CxrError
 from ..core.layout import TRAIN_REQUEST_JSON
 from .progress import PROGRESS_LINES_ENV, relay_output
 from .stage import TrainResult, result_from_disk, train, validate
+
+log = logging.getLogger(__name__)
 
 
 def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool = True) -> TrainResult:
@@ -32,7 +35,7 @@ def run_training(cfg: TrainConfig, processes: int | None = None, progress: bool 
     save_config(cfg, request)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--mixed_precision", cfg.mixed_precision, "-m", "cxr_helpers", "train", "--config-file", str(request)]
-    print(" ".join(command), flush=True)
+    log.info(" ".join(command))
     env = {**os.environ, PROGRESS_LINES_ENV: "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         relay_output(proc.stdout, progress)

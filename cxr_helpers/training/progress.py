@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 PROGRESS_PREFIX = "cxr-progress "
 PROGRESS_LINES_ENV = "CXR_PROGRESS_LINES"  # set to "1" in the children's environment by run_training

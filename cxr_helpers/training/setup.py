@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from ..core.errors import CxrError
 from ..core.files import read_json
 from ..core.layout import LORA_CONFIG_JSON, LORA_SUBDIR, LOSS_CSV
 from ..core.ownership import model_fingerprint, record_owner, text_digest
+
+log = logging.getLogger(__name__)
 
 
 def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -121,9 +124,8 @@ def warn_mirrored_sides(cfg: TrainConfig, pairs: pd.DataFrame, accelerator) -> N
     if cfg.random_flip and accelerator.is_main_process:
         sided = int(pairs["prompt"].str.contains(r"\b(?:left|right)\b", case=False).sum())
         if sided:
-            print(f"warning: --random-flip mirrors films whose prompts name a side ({sided} of {len(pairs)} train "
-                  "pairs say left or right): the LoRA learns laterality at chance; leave it off to keep it",
-                  flush=True)
+            log.warning("--random-flip mirrors films whose prompts name a side (%d of %d train pairs say left or "
+                        "right): the LoRA learns laterality at chance; leave it off to keep it", sided, len(pairs))
 
 
 def add_lora(unet, cfg: TrainConfig, weight_dtype) -> list[torch.nn.Parameter]:

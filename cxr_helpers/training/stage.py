@@ -13,6 +13,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from ..core.bars import tqdm
 
 from .checkpoints import (LOSS_COLUMNS, checkpoint_dirs, find_checkpoint, grad_scaler_state, restore_checkpoint,
                           restore_grad_scaler, save_checkpoint)
@@ -39,6 +40,8 @@ from .progress import progress_line, relayed
 from .setup import (add_lora, claim_output, frozen_parts, holds_finished_run, make_accelerator, make_lr_scheduler,
                     pairs_digest, train_pairs, warn_mirrored_sides)
 from .step import batch_indices, diffusion_loss, sample_latents, step_generator
+
+log = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -74,8 +77,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         if holds_finished_run(cfg):
             finished = result_from_disk(cfg.out)
             if main_process:
-                print(f"train: {cfg.out} already holds this run, finished at step {finished.steps_done} with the same "
-                      "settings, pairs and base model; reusing its LoRA (--overwrite trains it again)", flush=True)
+                log.info("train: %s already holds this run, finished at step %d with the same settings, pairs and "
+                         "base model; reusing its LoRA (--overwrite trains it again)", cfg.out, finished.steps_done)
             return finished
         return _train(cfg, progress)
 
@@ -192,10 +195,10 @@ def _start_log(run: _Run, start_step: int, loss_rows: list[dict]) -> None:
     where = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     cache_note = ("cache hit (nothing encoded)" if enc.hit
                   else f"cache miss (encoded {enc.encoded_images} images, {enc.encoded_prompts} prompts)")
-    print(f"train: device {where}, precision {accelerator.mixed_precision}, trainable "
-          f"{sum(p.numel() for p in run.optim.params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
-          f"{run.max_steps}, {len(enc)} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
-          f"accum {cfg.grad_accum} x {processes} process(es), {cache_note}", flush=True)
+    log.info(f"train: device {where}, precision {accelerator.mixed_precision}, trainable "
+             f"{sum(p.numel() for p in run.optim.params):,} LoRA parameters (rank {cfg.rank}), steps {start_step}->"
+             f"{run.max_steps}, {len(enc)} train pairs ({len(enc.embeddings)} prompts), batch {cfg.batch_size} x "
+             f"accum {cfg.grad_accum} x {processes} process(es), {cache_note}")
 
 
 # ---------------------------------------------------------------- the loop -------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config.stages import SynthConfig, TinyModelConfig, stage_config
 from ..core.environment import cache_root, kaggle_input, kaggle_working, on_kaggle
 from ..core.errors import CxrError
+from ..core.logs import show_in_notebook
 from ..core.files import read_json, write_json
 from ..core.layout import (DATA_STAGE_DIR, DEMO_INPUTS_DIR, FIGURES_DIR, LORA_SUBDIR, PAIRS_CSV, RECORDS_DIR,
                            TRAIN_STAGE_DIR)
@@ -65,8 +66,10 @@ def resolve_inputs(preset: str = "auto", data_dir: str = "", model: str = "",
     is the preset's hub id (or `model`).
     """
     from ..data.tables import resolve_data_dir
-    from ..demo.tiny_model import make_tiny_model, tiny_model_is_built
     from ..demo.synthetic_dataset import dataset_is_built, make_synthetic_dataset
+    from ..demo.tiny_model import make_tiny_model, tiny_model_is_built
+
+    show_in_notebook()  # the stages' log lines under the cell that runs them
 
     chosen = get_preset(preset)
     preset = chosen.name
