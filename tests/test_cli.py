@@ -276,3 +276,19 @@ def test_log_lines_show_under_the_notebook_cell_once(tmp_path):
     outputs = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert text == "train: a diagnostic\nwarning: a warning\n"
+
+
+def test_the_kernel_relay_drops_only_the_kernels_noise(capsys):
+    """What a kernel writes to stderr reaches ours, but for its transport warning and the line
+    jupyter_client's pre-shutdown interrupt can cause."""
+    import os
+
+    from cxr_helpers.workflow.notebooks import _relay_stderr
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"[IPKernelApp] WARNING | Kernel is running over TCP without encryption. ...\n"
+                        b"[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel.\n"
+                        b"Traceback: something the notebook did\n")
+    os.close(write_end)
+    _relay_stderr(read_end)
+    assert capsys.readouterr().err == "Traceback: something the notebook did\n"

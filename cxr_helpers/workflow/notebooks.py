@@ -22,9 +22,11 @@ from ..core.layout import (DATA_STAGE_DIR, DEMO_INPUTS_DIR, FIGURES_DIR, LORA_SU
 from ..config.presets import Preset, get_preset, preset_name
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
-# ipykernel logs this at start-up to the stderr it inherits (once per notebook); papermill's kernels
-# are local and short-lived, so it is not passed on.
-TCP_WARNING = b"Kernel is running over TCP without encryption"
+# What a kernel logs to the stderr it inherits that says nothing about the notebook, so it is not
+# passed on: ipykernel's start-up warning (papermill's kernels are local and short-lived), and the
+# line it logs when the interrupt that jupyter_client sends before every shutdown lands while the
+# kernel is busy finishing (timing: seen under load only).
+KERNEL_NOISE = (b"Kernel is running over TCP without encryption", b"KeyboardInterrupt caught in kernel")
 # ipykernel 6.25 (the oldest environment's) imports debugpy, in each kernel and once in papermill's
 # process, and debugpy warns about Python 3.11's frozen modules each time; its own switch turns
 # the check off (nothing here is debugged), set in this process so the kernels inherit it.
@@ -164,7 +166,7 @@ def run_notebooks(out: str | os.PathLike, preset: str = "smoke", notebooks: str 
 
 
 def _kernel_manager_class():
-    """jupyter_client's kernel manager, with the kernel's stderr relayed to ours less TCP_WARNING."""
+    """jupyter_client's kernel manager, with the kernel's stderr relayed to ours less KERNEL_NOISE."""
     from jupyter_client.manager import AsyncKernelManager
 
     class RelayingKernelManager(AsyncKernelManager):
@@ -182,7 +184,7 @@ def _kernel_manager_class():
 def _relay_stderr(fd: int) -> None:
     with open(fd, "rb") as pipe:
         for line in pipe:
-            if TCP_WARNING not in line:
+            if not any(noise in line for noise in KERNEL_NOISE):
                 sys.stderr.write(line.decode(errors="replace"))
                 sys.stderr.flush()
 
