@@ -76,11 +76,50 @@ def read_user_json(path: str | os.PathLike, what: str, missing_hint: str) -> Any
         raise CxrError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
 
 
-def write_csv(path: str | os.PathLike, frame) -> Path:
-    """Write a pandas DataFrame atomically, without its index."""
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection: a prompt
+# "=HYPERLINK(...)" in metadata.csv). write_csv gives such a text cell a leading apostrophe (the
+# usual rule), and one that starts with an apostrophe too, so read_csv gives back exactly what was
+# written. The Kaggle-layout exports are written raw (formula_safe=False): they stand for the
+# dataset's own files, which prepare reads as they are.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def _formula_safe(value: Any) -> Any:
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def _as_written(value: Any) -> Any:
+    return value[1:] if isinstance(value, str) and value.startswith("'") else value
+
+
+def _text_columns(frame) -> list:
+    return list(frame.select_dtypes(include=["object", "string"]).columns)
+
+
+def write_csv(path: str | os.PathLike, frame, formula_safe: bool = True) -> Path:
+    """Write a pandas DataFrame atomically, without its index; text cells a spreadsheet would run
+    as formulas are escaped (read them back with read_csv)."""
+    if formula_safe:
+        frame = frame.copy()
+        for column in _text_columns(frame):
+            frame[column] = frame[column].map(_formula_safe)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def unescape_cells(frame):
+    """The text cells of a frame read from a write_csv file, as they were before escaping."""
+    for column in _text_columns(frame):
+        frame[column] = frame[column].map(_as_written)
+    return frame
+
+
+def read_csv(path: str | os.PathLike, **kwargs):
+    """A CSV written by write_csv, its text cells as they were written (pandas.read_csv's arguments)."""
+    import pandas as pd
+
+    return unescape_cells(pd.read_csv(path, **kwargs))
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..core.environment import kaggle_input, on_kaggle
 from ..core.errors import CxrError
+from ..core.files import unescape_cells
 from ..core.layout import (IMAGES_SUBDIR, KAGGLE_DATASET, KAGGLE_DATASET_SLUG, PAIRS_REQUIRED, PAIRS_SPLITS,
                            PROJECTION_COLUMNS_NEEDED, PROJECTIONS_CSV, REPORT_COLUMNS_NEEDED, REPORTS_CSV,
                            SYNTHETIC_MANIFEST)
@@ -92,7 +93,8 @@ def load_pairs(path: str | os.PathLike, split: str | None = None) -> pd.DataFram
     if not path.is_file():
         raise CxrError(f"pairs file {path} does not exist; run `python -m cxr_helpers prepare` first")
     written_by_prepare = "it must be a pairs.csv written by `python -m cxr_helpers prepare`"
-    frame = read_uid_csv(path, PAIRS_REQUIRED, written_by_prepare, written_by_prepare, "re-run prepare")
+    frame = unescape_cells(read_uid_csv(path, PAIRS_REQUIRED, written_by_prepare, written_by_prepare,
+                                        "re-run prepare"))  # written by write_csv: formula-safe cells
     for column in ("n_tokens", "width", "height"):  # numbers in pairs.csv, when present
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")

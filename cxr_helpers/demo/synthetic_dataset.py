@@ -231,8 +231,8 @@ def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
                 Image.fromarray(pixels, "L").save(tmp, format="PNG", compress_level=1)
             projections.append({"uid": uid, "filename": filename, "projection": view})
     _break_some_images(image_dir, [p["filename"] for p in projections], cfg)
-    write_csv(out / REPORTS_CSV, pd.DataFrame(reports, columns=REPORT_COLUMNS))
-    write_csv(out / PROJECTIONS_CSV, pd.DataFrame(projections, columns=PROJECTION_COLUMNS))
+    write_csv(out / REPORTS_CSV, pd.DataFrame(reports, columns=REPORT_COLUMNS), formula_safe=False)
+    write_csv(out / PROJECTIONS_CSV, pd.DataFrame(projections, columns=PROJECTION_COLUMNS), formula_safe=False)
     write_csv(out / SYNTHETIC_LABELS_CSV, pd.DataFrame(labels))
     save_config(cfg, out / SYNTH_CONFIG_JSON,
                 note="synthetic data (procedural images, template reports): not patient data")

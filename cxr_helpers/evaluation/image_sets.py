@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config.stages import EvalConfig
 from ..core.errors import CxrError
+from ..core.files import read_csv
 from ..core.layout import METADATA_CSV
 
 REAL_TEST_SET = "real test"  # the test split, the real side of every comparison
@@ -62,7 +63,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     from ..core.layout import inside
 
     try:
-        meta = pd.read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
+        meta = read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise CxrError(f"{meta_path} is not a readable CSV ({exc.__class__.__name__}); re-run sample into {folder}") from None
     missing = [c for c in ("file", "prompt") if c not in meta.columns]

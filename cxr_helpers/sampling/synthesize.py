@@ -166,6 +166,6 @@ def _write_dataset(out: Path, result: SampleResult, jobs: list[tuple[str, str]],
                         "image": marker, "indication": "synthetic", "comparison": "None.",
                         "findings": "", "impression": prompt})
         projections.append({"uid": uid, "filename": name, "projection": "Frontal"})
-    write_csv(out / REPORTS_CSV, pd.DataFrame(reports, columns=REPORT_COLUMNS))
-    write_csv(out / PROJECTIONS_CSV, pd.DataFrame(projections, columns=PROJECTION_COLUMNS))
+    write_csv(out / REPORTS_CSV, pd.DataFrame(reports, columns=REPORT_COLUMNS), formula_safe=False)
+    write_csv(out / PROJECTIONS_CSV, pd.DataFrame(projections, columns=PROJECTION_COLUMNS), formula_safe=False)
     return len(projections)

@@ -163,7 +163,7 @@ class PromptPanel:
     def save(self) -> Path | None:
         """What the Save button does: the shown images as PNGs in `save_dir`, with a metadata.csv
         row each in `sample`'s columns (a later Save adds rows)."""
-        from ..core.files import atomic_path, write_csv, write_json
+        from ..core.files import atomic_path, read_csv, write_csv, write_json
         from ..core.layout import METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
         from .stage import metadata_row
 
@@ -178,7 +178,7 @@ class PromptPanel:
             self._say(f"{out} holds a sample run's images; pick another save_dir so the two sets do not mix.")
             return None
         metadata_csv = out / METADATA_CSV
-        before = pd.read_csv(metadata_csv) if metadata_csv.is_file() else pd.DataFrame(columns=METADATA_COLUMNS)
+        before = read_csv(metadata_csv) if metadata_csv.is_file() else pd.DataFrame(columns=METADATA_COLUMNS)
         index = int(before["prompt_index"].max()) + 1 if len(before) else 0
         s = self.shown
         rows = [metadata_row(s["prompt"], index, k, seed, s["n_tokens"], steps=s["steps"], scheduler=s["scheduler"],
