@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,3 +292,20 @@ def test_the_kernel_relay_drops_only_the_kernels_noise(capsys):
     os.close(write_end)
     _relay_stderr(read_end)
     assert capsys.readouterr().err == "Traceback: something the notebook did\n"
+
+
+@pytest.mark.parametrize("code", ["EPERM", "EACCES", "EROFS", "ENOSPC"])
+def test_an_output_the_system_refuses_is_one_sentence_and_exit_2(code, monkeypatch, capsys):
+    """A folder the user may not write (EPERM on some mounts, EACCES, read-only), or a full disk."""
+    import errno
+
+    import cxr_helpers.data.stage as prepare_stage
+
+    def refused(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/mnt/out/pairs.csv")
+
+    monkeypatch.setattr(prepare_stage, "prepare", refused)
+    assert main(["prepare", "--data-dir", "x", "--out", "/mnt/out"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: could not write /mnt/out/pairs.csv ({os.strerror(getattr(errno, code))}); free space or "
+                   "pass a writable --out\n")

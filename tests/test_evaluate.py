@@ -282,3 +282,13 @@ def test_diversity_fits_the_demos_64_px_and_smaller():
         table = diversity(ImageSet("x", images, ["same", "same", "differ", "differ"], list("abcd"))).set_index("prompt")
         assert table.loc["same", "ms_ssim"] == pytest.approx(1.0, abs=1e-4)
         assert table.loc["differ", "ms_ssim"] < 0.9
+
+
+def test_evaluate_never_writes_through_a_link_in_its_folder(pairs_csv, synth_dir, generated, tmp_path):
+    out = tmp_path / "eval"
+    (tmp_path / "elsewhere").mkdir()
+    out.mkdir()
+    (out / "figures").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(CxrError, match=r"figures is a symbolic link .*remove the link"):
+        ev.evaluate(config(pairs_csv, synth_dir, out, [f"gen={generated}"], metrics=("fid",)), progress=False)
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and not (out / "metrics.csv").exists()

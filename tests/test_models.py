@@ -134,3 +134,53 @@ def test_a_tiny_model_folder_with_other_settings_is_kept_unless_overwrite(tmp_pa
         make_tiny_model(TinyModelConfig(out=str(tmp_path / "theirs")), progress=False)
     make_tiny_model(_small_pretraining(out, unet_steps=4, overwrite=True), progress=False)
     assert list(tmp_path.glob("m.replaced-*"))  # the old model was moved aside, not lost
+
+
+def test_a_model_folder_with_pickle_weights_or_its_own_code_is_refused_in_one_sentence(tiny_model_dir, tmp_path):
+    """Nothing is unpickled and no folder's code is run: refused before diffusers is asked (its
+    own error would be a traceback suggesting weights_only=False). The control: the folder as
+    made loads."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cxr_helpers.models.loading import check_model_dir, load_training_parts
+
+    assert check_model_dir(str(tiny_model_dir)) == tiny_model_dir  # the control
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    for load in (load_pipeline, load_training_parts):
+        with pytest.raises(CxrError, match=r"unet holds only pickle weights \(diffusion_pytorch_model.bin\), which "
+                                           r"this project never loads"):
+            load(str(pickled))
+    coded = tmp_path / "coded"
+    shutil.copytree(tiny_model_dir, coded)
+    (coded / "pipeline.py").write_text("import os  # would run on load\n")
+    with pytest.raises(CxrError, match=r"brings code of its own \(pipeline.py\)"):
+        load_pipeline(str(coded))
+    (coded / "pipeline.py").unlink()
+    index = json.loads((coded / "model_index.json").read_text())
+    (coded / "model_index.json").write_text(json.dumps({**index, "_class_name": ["my_pipeline", "MyPipeline"]}))
+    with pytest.raises(CxrError, match="brings code of its own"):
+        load_pipeline(str(coded))
+
+
+def test_a_damaged_lora_file_is_named_damaged_not_missing(lora_dir, tmp_path):
+    import shutil
+
+    from cxr_helpers.core.layout import LORA_WEIGHTS
+    from cxr_helpers.models.generation import check_lora_dir
+
+    assert check_lora_dir(lora_dir) == lora_dir  # the control
+    damages = {"truncated": lambda b: b[: len(b) // 2], "bad header": lambda b: b[:8] + b"{not json" + b[17:],
+               "empty": lambda b: b""}
+    for name, damage in damages.items():
+        broken = tmp_path / name
+        shutil.copytree(lora_dir, broken)
+        weights = broken / LORA_WEIGHTS
+        weights.write_bytes(damage(weights.read_bytes()))
+        with pytest.raises(CxrError, match=rf"the LoRA file .*{LORA_WEIGHTS} is damaged .*train again"):
+            check_lora_dir(broken)

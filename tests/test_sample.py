@@ -240,3 +240,21 @@ def test_a_spec_is_checked_against_its_schema_before_anything_is_written(tmp_pat
     with pytest.raises(CxrError, match=message):
         synthesize_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_never_writes_through_a_link_inside_its_folder(pipe, tiny_model_dir, lora_dir, tmp_path):
+    """A linked upscaled/ (or any link in the folder) is refused before anything is written, and
+    the place it points to stays as it was; the control: the same rerun without the link works."""
+    out = tmp_path / "s"
+    sample(cfg(tiny_model_dir, lora_dir, out, n_per_prompt=1, upscale=128), pipe=pipe, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    (out / "upscaled").rename(elsewhere)
+    (out / "upscaled").symlink_to(elsewhere, target_is_directory=True)
+    for png in elsewhere.glob("*.png"):
+        png.unlink()
+    with pytest.raises(CxrError, match=r"upscaled is a symbolic link .*writes only inside .*remove the link"):
+        sample(cfg(tiny_model_dir, lora_dir, out, n_per_prompt=2, upscale=128), pipe=pipe, progress=False)
+    assert list(elsewhere.iterdir()) == []  # nothing written where the link points
+    (out / "upscaled").unlink()
+    again = sample(cfg(tiny_model_dir, lora_dir, out, n_per_prompt=2, upscale=128), pipe=pipe, progress=False)
+    assert again.generated == 6 and (out / "upscaled").is_dir()  # the copies are remade, so all six are

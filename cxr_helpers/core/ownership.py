@@ -89,6 +89,7 @@ def claim(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CxrError(f"--out {folder} is a file, not a folder; pass a folder path")
+    refuse_links_inside(folder)
     identity = _normal(identity)
     record = read_owner(folder) if folder.is_dir() else None
     entries = sorted(p.name for p in folder.iterdir() if p.name not in (OWNER_FILE, LOCK_FILE, *ignore)) \
@@ -115,6 +116,21 @@ def claim(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool
     log.info("--overwrite: moved the old content of %s to %s", folder, moved)
     _write(folder, stage, identity)
     return "new"
+
+
+def refuse_links_inside(folder: str | os.PathLike) -> None:
+    """Refuse, in one sentence, an output folder holding a symbolic link: a stage writing through
+    it would write outside the folder (a linked upscaled/ took a rerun's PNGs elsewhere). Links
+    are never followed, so one pointing back up cannot loop."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(top, name)):
+                link = Path(top) / name
+                raise CxrError(f"{link} is a symbolic link (to {os.readlink(link)}); a stage writes only inside "
+                               f"{folder}, never where a link points: remove the link, or use another --out")
 
 
 def record_owner(folder: str | os.PathLike, stage: str, identity: dict) -> None:

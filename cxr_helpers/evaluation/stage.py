@@ -26,6 +26,7 @@ from ..config.stages import EvalConfig, config_to_dict
 from ..core.environment import cache_root, library_versions
 from ..core.errors import CxrError
 from ..core.files import write_csv, write_json
+from ..core.ownership import refuse_links_inside
 from ..core.layout import ADHERENCE_CSV, AUDIT_CSV, DIVERSITY_CSV, METRICS_CSV, METRICS_JSON
 from .features import STANDIN_NAME, StandInFeatures, load_feature_net, load_xrv
 from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
@@ -58,6 +59,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     folders = parse_generated(cfg.generated)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
+    refuse_links_inside(out)  # its figures/ and tables are written there, never through a link
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
     generated = read_generated_sets(cfg, folders)
     real, train = read_real_sets(cfg, data_dir, cache_dir)

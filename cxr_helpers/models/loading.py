@@ -15,6 +15,45 @@ from .hub import from_hub, is_local
 from .tokenizer import load_tokenizer
 
 
+# ---------------------------------------------------------------- local folders --------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+
+
+def check_model_dir(model: str) -> Path:
+    """A local diffusers folder this project will load: a model_index.json, safetensors weights in
+    each part (never pickle: loading a .bin unpickles it), and no code of its own. One sentence
+    per problem, before diffusers is asked (whose errors would suggest weights_only=False)."""
+    from ..core.files import read_json
+
+    path = Path(model).expanduser()
+    hint = "pass a diffusers pipeline folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id"
+    if not (path / MODEL_INDEX_JSON).is_file():
+        raise CxrError(f"model dir {model!r} has no {MODEL_INDEX_JSON}; {hint}")
+    try:
+        index = read_json(path / MODEL_INDEX_JSON)
+    except (OSError, ValueError) as exc:
+        raise CxrError(f"{path / MODEL_INDEX_JSON} is not readable JSON ({exc.__class__.__name__}); {hint}") from None
+    # Code of its own: a module file (a custom pipeline or component), or a pipeline class named as
+    # [module, class] (diffusers' form for a custom pipeline) instead of a diffusers class name.
+    own_code = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.py"))
+    class_name = index.get("_class_name") if isinstance(index, dict) else index
+    if not isinstance(class_name, str):
+        own_code.append(f"{MODEL_INDEX_JSON} _class_name {class_name!r}")
+    if own_code:
+        raise CxrError(f"model dir {model!r} brings code of its own ({', '.join(own_code[:3])}), which this "
+                       "project never runs; use a plain diffusers folder or the hub id")
+    for part in WEIGHT_PARTS:
+        files = [f for f in (path / part).glob("*") if f.is_file()]
+        pickled = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            raise CxrError(f"{path / part} holds only pickle weights ({pickled[0]}), which this project never loads "
+                           "(unpickling runs code); save the model with safetensors (diffusers: "
+                           "pipe.save_pretrained(DIR, safe_serialization=True)) or use the hub id")
+    return path
+
+
 # ---------------------------------------------------------------- pipelines ------------------
 
 def _dtype_argument() -> str:
@@ -38,15 +77,11 @@ def load_pipeline(model: str | Path, torch_dtype=None):
 
     df_logging.set_verbosity_error()
     model = str(model)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True)  # never pickle
     if torch_dtype is not None:
         kwargs[_dtype_argument()] = torch_dtype
     if is_local(model):
-        path = Path(model).expanduser()
-        if not (path / MODEL_INDEX_JSON).is_file():
-            raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
-                           "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
-        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        return StableDiffusionPipeline.from_pretrained(str(check_model_dir(model)), **kwargs)
     return from_hub(StableDiffusionPipeline.from_pretrained, model, "model", **kwargs)
 
 
@@ -64,11 +99,12 @@ def load_training_parts(model: str | Path, weight_dtype=None):
 
     df_logging.set_verbosity_error()
     model = str(model)
-    if is_local(model) and not (Path(model).expanduser() / MODEL_INDEX_JSON).is_file():
-        raise CxrError(f"model dir {model!r} has no model_index.json; pass a diffusers pipeline "
-                       "folder (e.g. made by `python -m cxr_helpers tiny-model`) or a hub id")
+    if is_local(model):
+        check_model_dir(model)
     tokenizer = load_tokenizer(model)
-    kwargs = {} if weight_dtype is None else {"torch_dtype": weight_dtype}
+    kwargs = {"use_safetensors": True}  # never a pickle file
+    if weight_dtype is not None:
+        kwargs["torch_dtype"] = weight_dtype
 
     def part(cls, subfolder, **extra):
         def loader(name, **kw):
