@@ -33,16 +33,20 @@ KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_priv
 HELPERS_DIR = "helpers-dataset"
 
 # The first code cell of every published notebook: installs the helpers (no sys.path hacks).
-INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this checkout.
+INSTALL_CELL = '''\
+# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this checkout.
 # Then, before torch is imported, check that it can drive this GPU (an older card gets the CUDA 12.6 build of torch).
 import importlib.util, os, subprocess, sys
 from pathlib import Path
 if importlib.util.find_spec("cxr_helpers") is None:
     wheels = sorted((Path(os.environ.get("CXR_KAGGLE_ROOT") or "/kaggle") / "input").glob("**/cxr_lora-*.whl"))
-    checkout = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
+    checkout = next((p for p in [Path.cwd(), *Path.cwd().parents]
+                     if (p / "cxr_helpers").is_dir() and (p / "pyproject.toml").is_file()), None)
     if not wheels and checkout is None:
-        raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) or run from the repository")
-    target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)  # [kaggle]: torch-fidelity + torchxrayvision (FID networks)
+        raise RuntimeError("cxr_helpers is not installed: attach the cxr-lora helpers dataset (Kaggle) "
+                           "or run from the repository")
+    # [kaggle]: torch-fidelity + torchxrayvision (FID networks)
+    target = f"{wheels[-1]}[kaggle]" if wheels else str(checkout)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)
 subprocess.run([sys.executable, "-m", "cxr_helpers", "check-gpu", "--fix"], check=True)'''
 
