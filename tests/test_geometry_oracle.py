@@ -34,7 +34,8 @@ def test_the_named_costophrenic_angle_fills_and_the_other_stays_clear():
 def test_oracle_ranks_effusion_and_cardiomegaly_on_both_views():
     oracle = GeometryOracle()
     for view in ("Frontal", "Lateral"):
-        sets = {"clear": _films([], view), "effusion": _films([Finding("effusion", side="bilateral", severity="small")], view),
+        sets = {"clear": _films([], view),
+                "effusion": _films([Finding("effusion", side="bilateral", severity="small")], view),
                 "cardiomegaly": _films([Finding("cardiomegaly", severity="mild")], view)}
         assert all(is_lateral(f) == (view == "Lateral") for films in sets.values() for f in films)
         scores = {k: oracle.score(torch.from_numpy(np.stack(v))[:, None]) for k, v in sets.items()}

@@ -60,8 +60,9 @@ def test_bad_model_and_tokenizer_sources_are_explained(tmp_path):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     # The seed's id was deleted from the hub: one sentence naming the maintained copy, not "turn internet on".
     for load in (load_tokenizer, load_pipeline):
-        with pytest.raises(CxrError, match="'runwayml/stable-diffusion-v1-5' was deleted from the Hugging Face hub in 2024; "
-                                           "use its maintained copy 'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
+        with pytest.raises(CxrError, match="'runwayml/stable-diffusion-v1-5' was deleted from the Hugging Face hub "
+                                           "in 2024; use its maintained copy "
+                                           "'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
             load("runwayml/stable-diffusion-v1-5")
 
 
