@@ -118,7 +118,8 @@ def test_pretraining_captions_never_come_from_their_film():
     captions = caption_films(views, seed=0)
     assert captions == caption_films(views, seed=0) != caption_films(views, seed=1)
     named_view = [c == f"a {v.lower()} chest x-ray" for c, v in zip(captions, views, strict=True)]
-    others = [c for c, is_view in zip(captions, named_view, strict=True) if not is_view and c not in ("", GENERIC_CAPTION)]
+    others = [c for c, is_view in zip(captions, named_view, strict=True)
+              if not is_view and c not in ("", GENERIC_CAPTION)]
     assert 0.4 < sum(named_view) / len(captions) < 0.6 and 0.3 < len(others) / len(captions) < 0.5
     assert any("cardiomegaly" in c.lower() for c in others) and any("effusion" in c.lower() for c in others)
 

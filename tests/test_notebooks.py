@@ -113,7 +113,8 @@ def test_notebook_04_scores_base_tuned_and_floor_with_a_named_stand_in(demo_run)
     assert set(rec["fid"]) == {"base", "fine-tuned", "real train (floor)"} == set(rec["fid_infinity"])
     assert set(metrics["set"]) - set(rec["fid"]) <= {AUDIT_BASELINE_SET, REAL_TEST_SET}
     for name, value in rec["fid"].items():
-        assert value == pytest.approx(metrics.loc[(metrics["set"] == name) & (metrics["metric"] == "fid"), "value"].iloc[0])
+        fid = metrics.loc[(metrics["set"] == name) & (metrics["metric"] == "fid"), "value"].iloc[0]
+        assert value == pytest.approx(fid)
     assert rec["fid"]["real train (floor)"] < min(rec["fid"]["base"], rec["fid"]["fine-tuned"])  # real is the floor
     assert rec["feature_network"].startswith("STAND-IN") and metrics["feature_network"].str.contains("STAND-IN").any()
     assert any("biased" in note for note in rec["notes"])

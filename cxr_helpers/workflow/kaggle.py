@@ -34,7 +34,8 @@ KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_priv
 HELPERS_DIR = "helpers-dataset"
 
 # The first code cell of every published notebook: installs the helpers (no sys.path hacks).
-INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this
+INSTALL_CELL = '''\
+# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this
 # checkout. Then, before torch is imported, check that it can drive this GPU (an older card gets the CUDA 12.6
 # build of torch).
 import importlib.util
