@@ -73,7 +73,8 @@ def main() -> None:
     tokenizer = load_tokenizer(write_clip_tokenizer(work / "tokenizer"))
 
     start = time.perf_counter()
-    result = prepare(PrepareConfig(data_dir=str(data_dir), out=str(work / "out"), workers=8), tokenizer=tokenizer, progress=False)
+    result = prepare(PrepareConfig(data_dir=str(data_dir), out=str(work / "out"), workers=8), tokenizer=tokenizer,
+                     progress=False)
     checked = time.perf_counter() - start
 
     files = [data_dir / "images" / "images_normalized" / f for f in result.pairs["filename"][:N_DECODE]]

@@ -49,7 +49,8 @@ def main() -> None:
     tic = time.perf_counter()
     tokenizer, text_encoder, vae, unet, _ = sd15_shaped_parts(seed=0)
     parts = dict(vae=vae.to(device, dtype), text_encoder=text_encoder.to(device, dtype), tokenizer=tokenizer,
-                 unet=unet.to(device, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                 unet=unet.to(device, dtype), safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
     scheduler = PNDMScheduler(**SD15_SCHEDULER)
     scheduler.register_to_config(clip_sample=False)
     reference = StableDiffusionPipeline(scheduler=scheduler, **parts)
@@ -58,7 +59,8 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
     print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"precision {args.precision}, {args.resolution} px, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, cores {os.cpu_count()}; SD1.5-shaped parts built in {time.perf_counter() - tic:.0f} s")
+          f"{torch.get_num_threads()}, cores {os.cpu_count()}; SD1.5-shaped parts built in "
+          f"{time.perf_counter() - tic:.0f} s")
 
     def sync():
         if device.type == "cuda":
@@ -98,8 +100,8 @@ def main() -> None:
     ref_rate, proj_rate = ref_n / ref_s, proj_n / proj_s
     print(f"reference: {ref_n} images one per call, PNDM 50 steps: {ref_s:.1f} s, {ref_rate:.4f} images/s "
           f"({ref_s / ref_n:.1f} s/image)")
-    print(f"project  : {proj_n} images in batches of {args.batch_size}, DPM-Solver++ {args.steps} steps: {proj_s:.1f} s, "
-          f"{proj_rate:.4f} images/s ({proj_s / proj_n:.1f} s/image)")
+    print(f"project  : {proj_n} images in batches of {args.batch_size}, DPM-Solver++ {args.steps} steps: "
+          f"{proj_s:.1f} s, {proj_rate:.4f} images/s ({proj_s / proj_n:.1f} s/image)")
     if device.type == "cuda":
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"{proj_rate / ref_rate:.2f}x")

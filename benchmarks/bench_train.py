@@ -115,7 +115,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     print(f"built SD1.5-shaped parts (random weights): unet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M, "
           f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.0f} M, text encoder "
-          f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.0f} M params in {time.perf_counter() - tic:.0f} s")
+          f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.0f} M params in "
+          f"{time.perf_counter() - tic:.0f} s")
 
     pixels, prompts = make_batch(args.images, args.resolution)
     scale = vae.config.scaling_factor

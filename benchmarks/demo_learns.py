@@ -62,8 +62,8 @@ def run_seed(work: Path, seed: int) -> dict:
                                                 n_per_prompt=2), pipe=pipe, progress=False).out
     times["generation"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    result = evaluate.evaluate(stage_config(EvalConfig, "smoke", pairs=str(pairs), data_dir=str(data), out=str(work / "eval"),
-                                            cache_dir=str(work / "cache"),
+    result = evaluate.evaluate(stage_config(EvalConfig, "smoke", pairs=str(pairs), data_dir=str(data),
+                                            out=str(work / "eval"), cache_dir=str(work / "cache"),
                                             generated=tuple(f"{k}={v}" for k, v in sets.items())), progress=False)
     times["evaluation"] = time.perf_counter() - tic
     values = result.table.set_index(["set", "metric"])["value"]
@@ -93,7 +93,8 @@ def main() -> None:
     print("seed | " + " | ".join(f"{s} {f} AUROC" for s in ("base", "fine-tuned", "real test") for f in FINDINGS)
           + " | FID base / fine-tuned | minutes")
     for r in results:
-        aurocs = [r["adherence"].get(f"{s} {f}", ["-"])[0] for s in ("base", "fine-tuned", "real test") for f in FINDINGS]
+        aurocs = [r["adherence"].get(f"{s} {f}", ["-"])[0]
+                  for s in ("base", "fine-tuned", "real test") for f in FINDINGS]
         print(f"{r['seed']} | " + " | ".join(map(str, aurocs))
               + f" | {r['fid'].get('base')} / {r['fid'].get('fine-tuned')} | {sum(r['times_s'].values()) / 60:.1f}")
     if args.out:

@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--images", type=int, default=256, help="images per generated set")
-    parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model on the CPU: checks this script, measures nothing")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="tiny model on the CPU: checks this script, measures nothing")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,8 @@ def main() -> None:
     summary["generation_pipeline"] = {"device": str(pipe.device), "dtype": str(pipe.unet.dtype)}
     prompts = load_pairs(pairs.out / "pairs.csv", "test")["prompt"].tolist()
     prompts = (prompts * (args.images // (2 * len(prompts)) + 1))[: args.images // 2]
-    sample.sample(SampleConfig(model=str(model), lora=str(result.lora_dir), out=str(work / "warm"), prompts=prompts[:8]),
+    sample.sample(SampleConfig(model=str(model), lora=str(result.lora_dir), out=str(work / "warm"),
+                               prompts=prompts[:8]),
                   pipe=pipe, progress=False)  # warm-up: kernels, cuDNN autotune
     runs = {}
     for name, scale in (("base", 0.0), ("fine-tuned", 1.0)):

@@ -153,7 +153,8 @@ class Stage(NamedTuple):
 STAGES = {
     "prepare": Stage(PrepareConfig, _prepare, "Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json"),
     "synth": Stage(SynthConfig, _synth, "a synthetic dataset in the exact Kaggle layout (offline demo data)"),
-    "tiny-model": Stage(TinyModelConfig, _tiny_model, "a tiny SD-shaped diffusers pipeline: random weights, or pretrained on synthetic films (--pretrain)"),
+    "tiny-model": Stage(TinyModelConfig, _tiny_model, "a tiny SD-shaped diffusers pipeline: random weights, "
+                        "or pretrained on synthetic films (--pretrain)"),
     # --pairs and --out may come from --config-file instead; _train checks.
     "train": Stage(TrainConfig, _train, "LoRA fine-tuning on cached latents "
                    "(accelerate launch -m cxr_helpers train for multi-GPU)", required=()),

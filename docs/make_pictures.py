@@ -42,7 +42,8 @@ def shrink(source: Path, target: Path) -> None:
     if image.width > MAX_WIDTH:
         image = image.resize((MAX_WIDTH, round(image.height * MAX_WIDTH / image.width)), Image.Resampling.LANCZOS)
     with atomic_path(target) as tmp:
-        image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True)  # octree keeps the set colours
+        # octree keeps the set colours
+        image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True)
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,8 @@ def synth_dir(tmp_path_factory):
     from cxr_helpers.demo.synthetic_dataset import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth") / "iu"
-    return make_synthetic_dataset(SynthConfig(out=str(out), reports=30, image_size=160, broken_images=3), progress=False)
+    return make_synthetic_dataset(SynthConfig(out=str(out), reports=30, image_size=160, broken_images=3),
+                                  progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,8 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
     assert 0.3 < noise_row["auroc"] < 0.7 and noise_row["ci_low"] < 0.5 < noise_row["ci_high"]
     # The files: adherence.csv, rows in metrics.csv with counts and intervals, the bar chart.
     saved = pd.read_csv(tmp_path / "eval" / "adherence.csv")
-    assert set(saved["set"]) == {"copies", "noise", image_sets.REAL_TEST_SET} and (saved["scorer"] == GeometryOracle.name).all()
+    assert (set(saved["set"]) == {"copies", "noise", image_sets.REAL_TEST_SET}
+            and (saved["scorer"] == GeometryOracle.name).all())
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv").set_index(["set", "metric"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "value"] == pytest.approx(noise_row["auroc"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "n_generated"] == len(images)
@@ -104,7 +105,8 @@ def test_adherence_skips_with_notes_naming_the_counts(larger, tmp_path):
     result = ev.evaluate(cfg, progress=False)
     notes = " ".join(result.notes)
     assert "adherence skipped for unknown: none of its 1 prompt(s)" in notes
-    labels = report_labelling.prompt_labels(load_pairs(pairs_csv), report_labelling.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
+    labels = report_labelling.prompt_labels(load_pairs(pairs_csv),
+                                            report_labelling.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
     positives = int(labels.loc[prompts, "Cardiomegaly"].sum())
     assert (f"adherence: {image_sets.REAL_TEST_SET}: skipped for fewer than {len(images)} positive or negative images "
             f"(positives+/negatives-): Cardiomegaly {positives}+/{len(images) - positives}-") in notes
@@ -124,5 +126,6 @@ def test_xrv_classifier_scores_its_findings(tmp_path):
     scorer = adh.XRVClassifier(str(path))
     scores = scorer.score(torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8), batch_size=2)
     assert scores.shape == (3, len(scorer.findings)) and "Cardiomegaly" in scorer.findings
-    assert set(scorer.findings) >= set(report_labelling.REPORT_TERM_TO_FINDING.values())  # every mapped finding is scored
+    # every mapped finding is scored
+    assert set(scorer.findings) >= set(report_labelling.REPORT_TERM_TO_FINDING.values())
     assert scores.notna().all().all()

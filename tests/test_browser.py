@@ -32,7 +32,8 @@ NOTEBOOK = "03_sampling_gallery.ipynb"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RUN_TIMEOUT_S = 420  # seconds; the notebook took 228 s on two cores shared with four other test runs
-SMALLER = {"N_GALLERY": 1, "UPSCALE": 256, "EXPORT_COUNT": 1}  # notebook 03 on the smoke preset: galleries, sweep, seed grid, export
+# notebook 03 on the smoke preset: galleries, sweep, seed grid, export
+SMALLER = {"N_GALLERY": 1, "UPSCALE": 256, "EXPORT_COUNT": 1}
 
 
 def chromium_executable() -> str | None:
@@ -149,7 +150,8 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
 
     url, token = lab
     root, inputs = lab_root
-    prompt = "Small right pleural effusion, new since yesterday."  # in no test report: the list shows "(your own prompt)"
+    # in no test report: the list shows "(your own prompt)"
+    prompt = "Small right pleural effusion, new since yesterday."
     n_tokens = len(load_tokenizer(inputs.model)(prompt).input_ids)
     shot = tmp_path / "prompt_panel.png"
     with sync_playwright() as p:
@@ -170,7 +172,8 @@ def test_prompt_panel_in_jupyterlab_in_chromium(browser_tools, lab, lab_root, tm
                 page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
                 try:
                     page.wait_for_function("""() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
-                                                   .some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))""", timeout=30_000)
+                                                   .some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))""",
+                                           timeout=30_000)
                     break
                 except PlaywrightTimeout:
                     continue

@@ -27,12 +27,15 @@ def test_the_stages_chain_on_the_command_line(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prepare", "--data-dir", "/no/such/dir", "--out", "OUT", "--tokenizer", "TOK"], "data dir /no/such/dir does not exist"),
+    (["prepare", "--data-dir", "/no/such/dir", "--out", "OUT", "--tokenizer", "TOK"],
+     "data dir /no/such/dir does not exist"),
     (["prepare", "--data-dir", "EMPTY", "--out", "OUT", "--tokenizer", "TOK"], "has no indiana_reports.csv"),
     (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "/no/tokenizer"], "is not a directory"),
-    (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "stable-diffusion-v1-5/stable-diffusion-v1-5"], "needs internet"),
+    (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "stable-diffusion-v1-5/stable-diffusion-v1-5"],
+     "needs internet"),
     (["prepare", "--data-dir", "DATA", "--out", "OUT", "--tokenizer", "runwayml/stable-diffusion-v1-5"],
-     "was deleted from the Hugging Face hub in 2024; use its maintained copy 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
+     "was deleted from the Hugging Face hub in 2024; use its maintained copy "
+     "'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
     (["synth", "--out", "OUT", "--reports", "0"], "--reports must be at least 1"),
     (["run-notebooks", "--out", "OUT", "--notebooks", "EMPTY"], "no numbered notebooks"),
 ])
@@ -60,7 +63,8 @@ def test_run_notebooks_says_which_runs_and_hides_the_kernels_tcp_warning(tmp_pat
     assert result.returncode == 0, result.stderr
     assert "without encryption" not in result.stderr
     lines = result.stderr.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["notebook 1/2 01_first.ipynb"] * 2 + ["notebook 2/2 02_second.ipynb"] * 2
+    assert [line.split(":")[0] for line in lines] == (["notebook 1/2 01_first.ipynb"] * 2
+                                                      + ["notebook 2/2 02_second.ipynb"] * 2)
     assert lines[0].endswith(": running") and re.fullmatch(r".*: done in \d+ s", lines[1])
     assert "executed " + str(tmp_path / "out" / "notebooks" / "01_first.ipynb") in result.stdout
 
@@ -202,21 +206,27 @@ BAD_INPUTS = [
     (_train("--out", "GOOD/train", "--resume", "TRUNCATED"), "lora.safetensors is not the file the run saved"),
     (_train("--out", "BAD/a_file"), "cannot write to"),
     # sample
-    (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--lora-scale", "nan"), "--lora-scale must be a finite number"),
+    (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--lora-scale", "nan"),
+     "--lora-scale must be a finite number"),
     (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--steps", "0"), "--steps must be at least 1"),
-    (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--scheduler", "heun"), "--scheduler 'heun' is not known"),
+    (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--scheduler", "heun"),
+     "--scheduler 'heun' is not known"),
     (_sample("--out", "NEW", "--prompts", "BAD/latin1.txt"), "is not UTF-8 text"),
     (_sample("--out", "NEW", "--prompts", "BAD/loop"), "does not exist"),
     (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--upscale", "32"), "smaller than --resolution"),
-    (_sample("--out", "GOOD/samples", "--pairs", "GOOD/prepared/pairs.csv"), "holds sample output made with other prompts"),
+    (_sample("--out", "GOOD/samples", "--pairs", "GOOD/prepared/pairs.csv"),
+     "holds sample output made with other prompts"),
     (_sample("--out", "GOOD/samples", "--prompts", "GOOD/prompts.txt", "--guidance", "3"), "other guidance"),
     (["sample", "--model", "TINY", "--lora", "BAD/missing", "--out", "NEW", "--prompts", "GOOD/prompts.txt"],
      "does not exist; pass the lora/ folder"),
     (_sample("--out", "GOOD/data", "--prompts", "GOOD/prompts.txt"), "holds the output of a synth run"),
     # synthesize
-    (["synthesize", "--spec", "BAD/string_templates.json", "--out", "NEW", "--model", "TINY"], '"templates" must be a list'),
-    (["synthesize", "--spec", "BAD/unknown_key.json", "--out", "NEW", "--model", "TINY"], "unknown key(s) stpes; known:"),
-    (["synthesize", "--spec", "BAD/nan_scale.json", "--out", "NEW", "--model", "TINY"], '"lora_scale" must be a finite number'),
+    (["synthesize", "--spec", "BAD/string_templates.json", "--out", "NEW", "--model", "TINY"],
+     '"templates" must be a list'),
+    (["synthesize", "--spec", "BAD/unknown_key.json", "--out", "NEW", "--model", "TINY"],
+     "unknown key(s) stpes; known:"),
+    (["synthesize", "--spec", "BAD/nan_scale.json", "--out", "NEW", "--model", "TINY"],
+     '"lora_scale" must be a finite number'),
     (["synthesize", "--spec", "BAD/notjson.json", "--out", "NEW", "--model", "TINY"], "is not valid JSON"),
     (["synthesize", "--spec", "GOOD/spec.json", "--out", "BAD/real_data", "--model", "TINY"],
      "no cxr-lora synthesize run made"),

@@ -38,7 +38,8 @@ def run(root, out, tokenizer, **kw):
 
 
 def test_prompt_is_the_impression_with_whitespace_collapsed():
-    assert collapse_whitespace("  No acute\n\tcardiopulmonary   abnormality. ") == "No acute cardiopulmonary abnormality."
+    assert (collapse_whitespace("  No acute\n\tcardiopulmonary   abnormality. ")
+            == "No acute cardiopulmonary abnormality.")
 
 
 def test_the_77_id_rule_counts_start_and_end_tokens(tmp_path, tokenizer):
@@ -141,7 +142,8 @@ def test_bad_data_dirs_get_one_sentence(tmp_path, tokenizer, breakage, message):
     elif breakage == "no_reports":
         (root / "indiana_reports.csv").unlink()
     elif breakage == "no_column":
-        pd.read_csv(root / "indiana_reports.csv").drop(columns="impression").to_csv(root / "indiana_reports.csv", index=False)
+        (pd.read_csv(root / "indiana_reports.csv").drop(columns="impression")
+         .to_csv(root / "indiana_reports.csv", index=False))
     elif breakage == "bad_uid":
         frame = pd.read_csv(root / "indiana_projections.csv", dtype=str)
         frame.loc[0, "uid"] = "abc"
@@ -168,7 +170,8 @@ def test_dataset_serves_3_channel_tensors_in_range(synth_dir, tmp_path, tokenize
     assert -1.0 <= float(x.min()) < float(x.max()) <= 1.0
     assert bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
     assert item["prompt"] == ds.pairs.at[0, "prompt"] and len(ds) == (ds.pairs["split"] == "train").sum()
-    assert ChestXrayDataset(tmp_path / "out" / "pairs.csv", synth_dir, resolution=64)[0]["pixel_values"].shape == (3, 64, 64)
+    assert (ChestXrayDataset(tmp_path / "out" / "pairs.csv", synth_dir, resolution=64)[0]["pixel_values"].shape
+            == (3, 64, 64))
 
 
 def test_each_full_size_png_is_decoded_once_across_runs(synth_dir, tmp_path, tokenizer, monkeypatch):

@@ -27,7 +27,8 @@ def test_links_are_found():
 @pytest.mark.parametrize("page", PAGES + NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(page):
     if page.suffix == ".ipynb":
-        text = "\n".join("".join(c["source"]) for c in json.loads(page.read_text())["cells"] if c["cell_type"] == "markdown")
+        text = "\n".join("".join(c["source"]) for c in json.loads(page.read_text())["cells"]
+                         if c["cell_type"] == "markdown")
     else:
         text = page.read_text()
     broken = [t for t in relative_links(text) if not (page.parent / t).exists()]

@@ -7,7 +7,8 @@ from cxr_helpers.core.errors import CxrError, library_reason
 
 
 def test_library_reason_keeps_the_mismatch_and_the_wrapped_cause():
-    mismatch = RuntimeError("Error(s) in loading state_dict for UNet:\n\tsize mismatch for a.weight: [4, 64] vs [4, 32].")
+    mismatch = RuntimeError("Error(s) in loading state_dict for UNet:\n"
+                            "\tsize mismatch for a.weight: [4, 64] vs [4, 32].")
     assert library_reason(mismatch) == "RuntimeError: size mismatch for a.weight: [4, 64] vs [4, 32]."
     try:
         try:
@@ -23,5 +24,6 @@ def test_an_inception_failure_that_is_not_the_network_says_what_it_is(inception_
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(features, "_inception_class", lambda: broken)
-    with pytest.raises(CxrError, match=r"could not get the Inception weights .*\(OSError: \[Errno 28\] No space left on device\)"):
+    with pytest.raises(CxrError, match=r"could not get the Inception weights .*"
+                                       r"\(OSError: \[Errno 28\] No space left on device\)"):
         features.InceptionFeatures(inception_weights)

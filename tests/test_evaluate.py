@@ -87,7 +87,8 @@ def test_fid_interval_of_two_samples_of_one_distribution_contains_the_estimate()
     estimate = metrics.frechet_distance(a, b)
     low, high = metrics.fid_interval(a, b, groups=10, seed=0)
     assert low < estimate < high and high - low < estimate
-    assert metrics.fid_interval(a[:3], b[:3], groups=10) == (metrics.frechet_distance(a[:3], b[:3]),) * 2  # too few to cut
+    # too few to cut
+    assert metrics.fid_interval(a[:3], b[:3], groups=10) == (metrics.frechet_distance(a[:3], b[:3]),) * 2
 
 
 def test_fid_infinity_removes_the_small_sample_bias():
@@ -109,8 +110,10 @@ def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, sy
     from torchmetrics.image.kid import KernelInceptionDistance
 
     net = features.StandInFeatures(0)
-    real = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "test")[0]])
-    fake = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1) for im in split_images(pairs_csv, synth_dir, "train")[0][:len(real)]])
+    real = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1)
+                        for im in split_images(pairs_csv, synth_dir, "test")[0]])
+    fake = torch.stack([torch.from_numpy(np.array(im)).expand(3, -1, -1)
+                        for im in split_images(pairs_csv, synth_dir, "train")[0][:len(real)]])
 
     class Pool(torch.nn.Module):
         num_features = net.num_features
@@ -136,7 +139,8 @@ def test_one_shared_pass_equals_three_separate_torchmetrics_passes(pairs_csv, sy
     real_pool, _ = embeddings.embed(net, real, progress=False)
     fake_pool, fake_logits = embeddings.embed(net, fake, progress=False)
     assert metrics.torchmetrics_fid(real_pool, fake_pool) == pytest.approx(float(fid.compute()), rel=1e-6)
-    assert metrics.torchmetrics_kid(real_pool, fake_pool, 10, 0) == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6)
+    assert (metrics.torchmetrics_kid(real_pool, fake_pool, 10, 0)
+            == pytest.approx(tuple(float(v) for v in kid_sep), rel=1e-6))
     assert metrics.torchmetrics_is(fake_logits, 2, 0) == pytest.approx(tuple(float(v) for v in is_sep), rel=1e-6)
 
 
@@ -172,10 +176,12 @@ def test_a_planted_training_image_is_flagged(pairs_csv, synth_dir, generated, tm
     # The baseline: real test films of other patients come less close to a training film than the copy.
     baseline = json.loads((tmp_path / "eval" / "metrics.json").read_text())["audit_baseline"]
     value = result.table.set_index(["set", "metric"])["value"]
-    assert value[memorisation.AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"] == baseline["pixel_correlation"] < 0.999
+    assert (value[memorisation.AUDIT_BASELINE_SET, "audit_baseline_pixel_correlation"]
+            == baseline["pixel_correlation"] < 0.999)
     assert baseline["pixel_threshold"] == max(0.95, baseline["pixel_correlation"]) and baseline["n_test"] > 0
     assert value["gen", "audit_train_matches"] == 1 and value["gen", "audit_test_matches"] == 0
-    assert (tmp_path / "eval" / "audit.csv").is_file() and (tmp_path / "eval" / "figures" / "nearest_pairs.png").is_file()
+    assert ((tmp_path / "eval" / "audit.csv").is_file()
+            and (tmp_path / "eval" / "figures" / "nearest_pairs.png").is_file())
 
 
 def test_outputs_name_n_the_network_and_the_baselines(pairs_csv, synth_dir, generated, tmp_path):
@@ -216,7 +222,8 @@ def test_real_features_are_cached(pairs_csv, synth_dir, generated, tmp_path, mon
     assert first.cache_hits == []
     embedded = []
     real_embed = embeddings.embed
-    monkeypatch.setattr(embeddings, "embed", lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
+    monkeypatch.setattr(embeddings, "embed",
+                        lambda net, images, *a, **k: embedded.append(len(images)) or real_embed(net, images, *a, **k))
     second = ev.evaluate(cfg, progress=False)
     assert len(second.cache_hits) == 2  # the test images and the floor's train images
     assert embedded == [first.table.iloc[0]["n_generated"]]  # only the generated set was embedded
@@ -239,7 +246,8 @@ def test_bad_input(pairs_csv, synth_dir, generated, tmp_path):
     ]:
         with pytest.raises(CxrError, match=message):
             ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", generated_dirs, **kw), progress=False)
-    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", [str(broken)], metrics=("fid", "kid")), progress=False)
+    result = ev.evaluate(config(pairs_csv, synth_dir, tmp_path / "e", [str(broken)], metrics=("fid", "kid")),
+                         progress=False)
     assert "broken: 1 unreadable image(s) skipped" in result.notes
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["unreadable"] == {"broken": 1}
 

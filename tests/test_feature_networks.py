@@ -39,7 +39,8 @@ def test_inception_features_give_torchmetrics_own_fid_kid_and_is(pairs_csv, synt
                        else {})
     fid = FrechetInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights,
                                                               **original_resize))
-    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights, **original_resize),
+    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], weights,
+                                                             **original_resize),
                                   subset_size=4)
     score = InceptionScore(feature=NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], weights,
                                                       **original_resize), splits=2)
@@ -102,7 +103,8 @@ def test_a_weights_file_that_is_more_than_tensors_is_not_unpickled(tmp_path):
 
 def test_inception_weights_from_torch_hubs_cache_or_one_sentence(monkeypatch, tmp_path, inception_weights):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(CxrError, match="weights-inception-2015-12-05-6726825d.pth.*no internet.*--feature-weights PATH"):
+    with pytest.raises(CxrError, match="weights-inception-2015-12-05-6726825d.pth.*no internet"
+                                       ".*--feature-weights PATH"):
         features.resolve_inception_weights(None)
     with pytest.raises(CxrError, match="does not exist"):
         features.resolve_inception_weights(tmp_path / "nope.pth")
@@ -154,7 +156,8 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path / "xrv-cache"))
     result = ev.evaluate(stage_config(EvalConfig, **base), progress=False)
     assert "fid_xrv" not in set(result.table["metric"])
-    assert any(note.startswith("XRV DenseNet FID skipped") and features.XRV_WEIGHTS_FILE in note for note in result.notes)
+    assert any(note.startswith("XRV DenseNet FID skipped") and features.XRV_WEIGHTS_FILE in note
+               for note in result.notes)
     # Given but wrong: an error, not a silent skip.
     other = tmp_path / "other.safetensors"
     save_file({"features.conv0.weight": torch.zeros(1)}, str(other))

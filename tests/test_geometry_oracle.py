@@ -23,8 +23,9 @@ def test_the_named_costophrenic_angle_fills_and_the_other_stays_clear():
     clear = _films([])
     for side, other in (("right", "left"), ("left", "right")):
         effusion = _films([Finding("effusion", side=side, severity="small")])
-        named = [costophrenic_fill(f, side) - costophrenic_fill(c, side) for f, c in zip(effusion, clear, strict=True)]
-        unnamed = [costophrenic_fill(f, other) - costophrenic_fill(c, other) for f, c in zip(effusion, clear, strict=True)]
+        pairs = list(zip(effusion, clear, strict=True))
+        named = [costophrenic_fill(f, side) - costophrenic_fill(c, side) for f, c in pairs]
+        unnamed = [costophrenic_fill(f, other) - costophrenic_fill(c, other) for f, c in pairs]
         # Same patients with and without the effusion: the named angle fills (every film), the other
         # does not move beyond the film grain.
         assert min(named) > 0.02 and np.median(named) > 0.1 and np.median(np.abs(unnamed)) < 0.03, side
@@ -34,7 +35,8 @@ def test_the_named_costophrenic_angle_fills_and_the_other_stays_clear():
 def test_oracle_ranks_effusion_and_cardiomegaly_on_both_views():
     oracle = GeometryOracle()
     for view in ("Frontal", "Lateral"):
-        sets = {"clear": _films([], view), "effusion": _films([Finding("effusion", side="bilateral", severity="small")], view),
+        sets = {"clear": _films([], view),
+                "effusion": _films([Finding("effusion", side="bilateral", severity="small")], view),
                 "cardiomegaly": _films([Finding("cardiomegaly", severity="mild")], view)}
         assert all(is_lateral(f) == (view == "Lateral") for films in sets.values() for f in films)
         scores = {k: oracle.score(torch.from_numpy(np.stack(v))[:, None]) for k, v in sets.items()}

@@ -53,7 +53,8 @@ def test_a_formula_impression_stays_text_in_pairs_and_metadata_and_reads_back_as
     root = tmp_path / "d"
     (root / "images" / "images_normalized").mkdir(parents=True)
     for uid in range(1, 5):
-        Image.new("L", (64, 64), 50 * uid).save(root / "images" / "images_normalized" / f"{uid}_IM-{uid:04d}-1001.dcm.png")
+        Image.new("L", (64, 64), 50 * uid).save(root / "images" / "images_normalized"
+                                                / f"{uid}_IM-{uid:04d}-1001.dcm.png")
     pd.DataFrame({"uid": range(1, 5), "MeSH": "normal", "Problems": "normal", "image": "x", "indication": "",
                   "comparison": "", "findings": "", "impression": impressions}).to_csv(root / "indiana_reports.csv",
                                                                                         index=False)

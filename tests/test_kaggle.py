@@ -44,7 +44,8 @@ def test_built_folders_follow_kaggles_schema(built):
         assert set(kaggle.KERNEL_FIELDS) <= set(meta)
         owner, slug = meta["id"].split("/")
         assert owner == "jdoe" and slug == kaggle.slugify(meta["title"]) == name
-        assert (folder / meta["code_file"]).is_file() and meta["language"] == "python" and meta["kernel_type"] == "notebook"
+        assert ((folder / meta["code_file"]).is_file() and meta["language"] == "python"
+                and meta["kernel_type"] == "notebook")
         assert meta["dataset_sources"] == ["raddar/chest-xrays-indiana-university", dataset["id"]]
         assert all(source in ids for source in meta["kernel_sources"])  # built (and pushed) after its sources
         assert meta["enable_internet"] is True and meta["is_private"] is True
@@ -90,15 +91,18 @@ def test_install_cell_installs_the_wheel_in_a_fresh_venv(built, tmp_path):
     # As on Kaggle: no checkout in sight; dependencies are Kaggle's own (not installed here).
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KAGGLE_KERNEL_RUN_TYPE": "Batch",
            "CXR_KAGGLE_ROOT": str(tmp_path), "PIP_NO_DEPS": "1", "PIP_NO_INDEX": "1"}
-    done = subprocess.run([str(python), "-c", kaggle.INSTALL_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([str(python), "-c", kaggle.INSTALL_CELL], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
-    check = subprocess.run([str(python), "-c", "import cxr_helpers, importlib.resources as r; print(cxr_helpers.__file__); "
+    check = subprocess.run([str(python), "-c", "import cxr_helpers, importlib.resources as r; "
+                            "print(cxr_helpers.__file__); "
                             "print(r.files('cxr_helpers').joinpath('assets/clip_bpe_merges.txt.gz').is_file())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     where, asset = check.stdout.split()
     assert where.startswith(str(venv)) and asset == "True"
-    again = subprocess.run([str(python), "-c", kaggle.INSTALL_CELL], cwd=tmp_path, env=env, capture_output=True, text=True)
+    again = subprocess.run([str(python), "-c", kaggle.INSTALL_CELL], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
     assert again.returncode == 0  # a second run finds the package and does nothing
 
 
@@ -207,7 +211,8 @@ def test_push_waits_for_the_dataset_and_for_02_before_03_and_04(built, credentia
 
 def test_push_stops_when_02_fails_or_takes_too_long(built, credentials):
     failed = FakeKaggle(kernel02=("running", "error"))
-    with pytest.raises(CxrError, match="cxr-lora-02-lora-fine-tuning ended with status 'error'.*push the rest with --only"):
+    with pytest.raises(CxrError, match="cxr-lora-02-lora-fine-tuning ended with status 'error'"
+                                       ".*push the rest with --only"):
         kaggle.push(built, runner=failed, sleep=lambda s: None)
     assert not any("cxr-lora-03" in c[-1] for c in failed.calls if c[1:3] == ["kernels", "push"])
     slow, now = FakeKaggle(kernel02=("running",)), [0.0]
@@ -228,7 +233,8 @@ def test_push_says_what_the_kaggle_cli_lacks(built, credentials):
 
 
 def test_our_retired_shapes_are_the_official_clis(built):
-    api = pytest.importorskip("kaggle.api.kaggle_api_extended", reason="the official kaggle CLI (test extra) is not installed")
+    api = pytest.importorskip("kaggle.api.kaggle_api_extended",
+                              reason="the official kaggle CLI (test extra) is not installed")
     for _, (shape, instead) in kaggle.RETIRED_SHAPES.items():
         assert api._RETIRED_ACCELERATORS[shape.lower()] == instead
     assert kaggle.MACHINE_SHAPES["t4x2"].lower() not in api._RETIRED_ACCELERATORS
@@ -284,11 +290,13 @@ def test_the_official_cli_accepts_what_build_renders(built, fake_kaggle_endpoint
         for warning in ("retired", "does not resolve", "Invalid", "must be specified", "not found"):
             assert warning not in said, said
     requests = [body for path, body in fake_kaggle_endpoint if path.endswith("KernelsApiService/SaveKernel")]
-    assert [r["slug"] for r in requests] == [f"jdoe/{n}" for n in json.loads((built / "build.json").read_text())["order"][1:]]
+    assert ([r["slug"] for r in requests]
+            == [f"jdoe/{n}" for n in json.loads((built / "build.json").read_text())["order"][1:]])
     gpu = [r for r in requests if r.get("enableGpu")]
     assert len(gpu) == 3 and all(r["machineShape"] == "NvidiaTeslaT4" for r in gpu)
     assert all("jdoe/cxr-lora-helpers" in r["datasetDataSources"] for r in requests)
-    done = _official_cli(["datasets", "version", "-p", "helpers-dataset", "-m", "test", "--dir-mode", "zip"], built, tmp_path)
+    done = _official_cli(["datasets", "version", "-p", "helpers-dataset", "-m", "test", "--dir-mode", "zip"], built,
+                         tmp_path)
     assert "503 Server Error" in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert any(path.endswith("StartBlobUpload") for path, _ in fake_kaggle_endpoint)
 

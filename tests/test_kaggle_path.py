@@ -49,7 +49,8 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
 
 def test_check_gpu_on_a_p100_names_the_fix_or_installs_it(fake_nvidia_smi, monkeypatch, capsys):
     assert gpu.visible_cards() == [("Tesla P100-PCIE-16GB", 6, 0)]
-    with pytest.raises(CxrError, match=r"no kernels for the Tesla P100-PCIE-16GB \(sm_60\); run `pip install torch==.*\+cu126"):
+    with pytest.raises(CxrError, match=r"no kernels for the Tesla P100-PCIE-16GB \(sm_60\); "
+                                       r"run `pip install torch==.*\+cu126"):
         gpu.check_gpu(fix=False)
     ran, real_run = [], subprocess.run
 
@@ -83,7 +84,8 @@ def test_stages_refuse_a_card_torch_cannot_drive_in_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(gpu, "torch_arch_list", lambda: ["sm_75", "sm_80"])
-    for what, call in (("training", lambda: __import__("cxr_helpers.training.setup", fromlist=["x"]).check_device("fp16")),
+    for what, call in (("training",
+                        lambda: __import__("cxr_helpers.training.setup", fromlist=["x"]).check_device("fp16")),
                        ("image generation", gpu.generation_device)):
         with pytest.raises(CxrError, match=rf"no kernels for the Tesla P100-PCIE-16GB \(sm_60\), so {what} cannot run "
                                            r"on it: install the same torch built for CUDA 12.6.*`pip install torch=="):
@@ -106,11 +108,13 @@ def _umask() -> int:
 @pytest.mark.parametrize("stage", ["prepare", "synth", "tiny-model", "train", "sample", "synthesize", "evaluate",
                                    "kaggle build", "kaggle push", "run-notebooks", "check-gpu"])
 def test_every_help_works(stage):
-    done = subprocess.run([sys.executable, "-m", "cxr_helpers", *stage.split(), "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "cxr_helpers", *stage.split(), "--help"], capture_output=True,
+                          text=True)
     assert done.returncode == 0 and done.stdout.startswith("usage:") and not done.stderr, done.stderr
 
 
-def test_relayed_training_shows_one_bar_not_a_flood(pairs_csv, synth_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_relayed_training_shows_one_bar_not_a_flood(pairs_csv, synth_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                    capsys):
     """Under `accelerate launch` the children print progress lines; the notebook's process turns
     them into one bar and prints only the other lines."""
     from cxr_helpers.config.stages import TrainConfig

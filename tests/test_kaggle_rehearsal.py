@@ -90,8 +90,8 @@ class KaggleRehearsal:
         for source in meta["dataset_sources"]:
             owner, slug = source.split("/")
             target = inputs / "datasets" / owner / slug
-            shutil.copytree(self.dataset if slug == "chest-xrays-indiana-university" else self.build / "helpers-dataset",
-                            target)
+            shutil.copytree(self.dataset if slug == "chest-xrays-indiana-university"
+                            else self.build / "helpers-dataset", target)
         for source in meta["kernel_sources"]:
             owner, slug = source.split("/")
             shutil.copytree((attach or {}).get(source) or self.outputs[source], inputs / "notebooks" / owner / slug)
@@ -104,7 +104,8 @@ class KaggleRehearsal:
         os.environ.pop("PYTHONPATH", None)  # a Kaggle kernel sees only its image's libraries and the wheel
         try:
             executed = session / notebook
-            papermill.execute_notebook(str(folder / notebook), str(executed), parameters={**SIZE[notebook], **parameters},
+            papermill.execute_notebook(str(folder / notebook), str(executed),
+                                       parameters={**SIZE[notebook], **parameters},
                                        kernel_name=f"kaggle-{self.sessions}", cwd=str(working), progress_bar=False,
                                        execution_timeout=600)
         finally:
@@ -163,7 +164,8 @@ def _results_only(working: Path) -> None:
     """What Kaggle publishes as the notebook's output: results, no caches, readable modes."""
     files = [p for p in working.rglob("*") if p.is_file()]
     assert files and not [p for p in files if "cache" in p.relative_to(working).parts], "a cache landed in the output"
-    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in files if p.suffix in (".csv", ".json", ".png", ".safetensors")}
+    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if p.suffix in (".csv", ".json", ".png", ".safetensors")}
     assert modes == {oct(0o644)}, f"output files are not created with the umask's mode: {modes}"
 
 
@@ -183,7 +185,8 @@ def test_the_four_notebooks_run_as_kaggle_runs_them(rehearsal):
     config = json.loads((working02 / "cxr-lora" / "train" / "lora" / "config.json").read_text())
     assert config["config"]["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the preset's hub id
     train_config = json.loads((working02 / "cxr-lora" / "train" / "train_config.json").read_text())
-    assert train_config["config"]["max_steps"] == 6 and train_config["config"]["mixed_precision"] == "no"  # sd15: no GPU
+    # sd15: no GPU
+    assert train_config["config"]["max_steps"] == 6 and train_config["config"]["mixed_precision"] == "no"
     uninterrupted = load_file(str(working02 / "cxr-lora" / "train" / "lora" / "pytorch_lora_weights.safetensors"))
     _results_only(working02)
 
@@ -212,7 +215,8 @@ def test_the_four_notebooks_run_as_kaggle_runs_them(rehearsal):
     assert [line.split(",")[0] for line in loss[1:]] == ["1", "2", "3", "4", "5", "6"]  # each step once
     resumed = load_file(str(resumed_dir / "cxr-lora" / "train" / "lora" / "pytorch_lora_weights.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
-    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed), "the resumed run did not reach the same weights"
+    assert all((resumed[k] == uninterrupted[k]).all()
+               for k in resumed), "the resumed run did not reach the same weights"
     _results_only(resumed_dir)
 
     # 03 and 04 read 02's output (its latest version: the resumed session) as an attached input.
@@ -227,7 +231,8 @@ def test_the_four_notebooks_run_as_kaggle_runs_them(rehearsal):
     rec = _record(working04, "04_evaluation")
     assert rec["feature_network"].startswith("Inception") or "inception" in rec["feature_network"].lower()
     assert set(rec["fid"]) == {"base", "fine-tuned", "real train (floor)"}
-    assert any("xrv" in note.lower() or "torchxrayvision" in note.lower() for note in rec["notes"])  # offline: skipped, said
+    # offline: skipped, said
+    assert any("xrv" in note.lower() or "torchxrayvision" in note.lower() for note in rec["notes"])
     samples = working04 / "cxr-lora" / "eval" / "samples" / "fine-tuned"
     import pandas as pd
 

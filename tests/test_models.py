@@ -60,8 +60,9 @@ def test_bad_model_and_tokenizer_sources_are_explained(tmp_path):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     # The seed's id was deleted from the hub: one sentence naming the maintained copy, not "turn internet on".
     for load in (load_tokenizer, load_pipeline):
-        with pytest.raises(CxrError, match="'runwayml/stable-diffusion-v1-5' was deleted from the Hugging Face hub in 2024; "
-                                           "use its maintained copy 'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
+        with pytest.raises(CxrError, match="'runwayml/stable-diffusion-v1-5' was deleted from the Hugging Face hub "
+                                           "in 2024; use its maintained copy "
+                                           "'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
             load("runwayml/stable-diffusion-v1-5")
 
 
@@ -117,7 +118,8 @@ def test_pretraining_captions_never_come_from_their_film():
     captions = caption_films(views, seed=0)
     assert captions == caption_films(views, seed=0) != caption_films(views, seed=1)
     named_view = [c == f"a {v.lower()} chest x-ray" for c, v in zip(captions, views, strict=True)]
-    others = [c for c, is_view in zip(captions, named_view, strict=True) if not is_view and c not in ("", GENERIC_CAPTION)]
+    others = [c for c, is_view in zip(captions, named_view, strict=True)
+              if not is_view and c not in ("", GENERIC_CAPTION)]
     assert 0.4 < sum(named_view) / len(captions) < 0.6 and 0.3 < len(others) / len(captions) < 0.5
     assert any("cardiomegaly" in c.lower() for c in others) and any("effusion" in c.lower() for c in others)
 

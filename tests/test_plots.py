@@ -43,8 +43,9 @@ def test_every_set_keeps_its_colour_across_figures():
     assert set_colours(["base", "fine-tuned", "real train (floor)", "other"])[:3] == [
         SET_COLOURS["base"], SET_COLOURS["fine-tuned"], SET_COLOURS["real"]]
     table = pd.DataFrame({"set": ["fine-tuned", "base"] * 2, "metric": ["fid"] * 2 + ["kid"] * 2,
-                          "value": [1.0, 2.0, 0.1, 0.2], "std": [None, None, 0.01, 0.02], "ci_low": [0.5, 1.5, None, None],
-                          "ci_high": [1.5, 2.5, None, None], "n_generated": [8] * 4, "feature_network": ["x"] * 4})
+                          "value": [1.0, 2.0, 0.1, 0.2], "std": [None, None, 0.01, 0.02],
+                          "ci_low": [0.5, 1.5, None, None], "ci_high": [1.5, 2.5, None, None],
+                          "n_generated": [8] * 4, "feature_network": ["x"] * 4})
     fig = result_figures.metric_intervals(table)
     for ax in fig.axes[:2]:
         assert [to_hex(p.get_facecolor()) for p in ax.patches] == [SET_COLOURS["fine-tuned"], SET_COLOURS["base"]]
@@ -78,6 +79,7 @@ def test_results_table_reads_in_order_with_arrows_and_no_blank_cells():
     assert list(table.columns) == ["FID ↓", "KID ↓", "Inception Score ↑", "precision ↑", "coverage ↑",
                                    "within-prompt MS-SSIM ↓", "memorisation flags (train matches) ↓", "N"]
     assert list(table.index) == ["base", "fine-tuned", "real train (floor)"]
-    assert not table.isna().any().any() and table.loc["real train (floor)", "memorisation flags (train matches) ↓"] == "–"
+    assert (not table.isna().any().any()
+            and table.loc["real train (floor)", "memorisation flags (train matches) ↓"] == "–")
     assert metric_order(["new_metric", "audit_train_matches", "fid"]) == ["fid", "new_metric", "audit_train_matches"]
     assert metric_label("new_metric") == "new_metric"

@@ -33,8 +33,10 @@ def pixels(folder, name):
 
 
 def test_same_seed_same_image_whatever_the_batch_size(pipe, tiny_model_dir, lora_dir, tmp_path):
-    one = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b1", n_per_prompt=2, batch_size=1), pipe=pipe, progress=False)
-    many = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b4", n_per_prompt=2, batch_size=4), pipe=pipe, progress=False)
+    one = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b1", n_per_prompt=2, batch_size=1), pipe=pipe,
+                 progress=False)
+    many = sample(cfg(tiny_model_dir, lora_dir, tmp_path / "b4", n_per_prompt=2, batch_size=4), pipe=pipe,
+                  progress=False)
     assert one.metadata["file"].tolist() == many.metadata["file"].tolist()
     for name in one.metadata["file"]:
         a, b = pixels(tmp_path / "b1", name), pixels(tmp_path / "b4", name)
@@ -106,8 +108,9 @@ def test_synthesize_never_writes_into_a_dataset_it_did_not_make(pipe, tiny_model
     assert (real / "indiana_reports.csv").read_bytes() == reports
     out = synthesize_mod.synthesize(spec, tmp_path / "syn", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
                                 progress=False)
-    other = synthesize_mod.write_spec(tmp_path / "other.json", {"steps": 2, "resolution": 64,
-                                                            "items": [{"prompt": "Large right pneumothorax.", "count": 1}]})
+    other = synthesize_mod.write_spec(tmp_path / "other.json",
+                                      {"steps": 2, "resolution": 64,
+                                       "items": [{"prompt": "Large right pneumothorax.", "count": 1}]})
     with pytest.raises(CxrError, match="holds synthesize output made with other spec"):
         synthesize_mod.synthesize(other, out, model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe, progress=False)
     assert pd.read_csv(out / "indiana_reports.csv")["impression"].tolist() == ["Cardiomegaly."]
@@ -189,11 +192,13 @@ def test_bad_input_is_one_sentence(tiny_model_dir, lora_dir, tmp_path):
 def test_a_lora_for_another_base_is_explained(tiny_model_dir, lora_dir, tmp_path):
     weights = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
     # The shapes a LoRA of a wider model would have (e.g. SD2's 1024-wide text states).
-    other = {k: (v.repeat(1, 2) if v.shape[-1] == 32 and "attn2.to_k" in k and "down" in k else v) for k, v in weights.items()}
+    other = {k: (v.repeat(1, 2) if v.shape[-1] == 32 and "attn2.to_k" in k and "down" in k else v)
+             for k, v in weights.items()}
     (tmp_path / "other").mkdir()
     save_file(other, str(tmp_path / "other" / "pytorch_lora_weights.safetensors"))
     (tmp_path / "other" / "config.json").write_text(json.dumps({"base_model": "stabilityai/stable-diffusion-2-1"}))
-    with pytest.raises(CxrError, match="does not fit the model .*trained on stabilityai/stable-diffusion-2-1.*size mismatch"):
+    with pytest.raises(CxrError, match="does not fit the model .*trained on stabilityai/stable-diffusion-2-1"
+                                       ".*size mismatch"):
         load_sampling_pipeline(str(tiny_model_dir), tmp_path / "other")
 
 
@@ -209,9 +214,10 @@ def test_a_lora_that_fails_to_load_says_why_not_that_it_does_not_fit(tiny_model_
 def test_export_reads_back_through_prepare(pipe, tiny_model_dir, lora_dir, tokenizer, tmp_path):
     spec = synthesize_mod.example_spec(2, steps=2, resolution=64)
     spec_path = synthesize_mod.write_spec(tmp_path / "spec.json", spec)
-    out = synthesize_mod.synthesize(spec_path, tmp_path / "export", model=str(tiny_model_dir), lora=str(lora_dir), pipe=pipe,
-                                progress=False)
-    result = prepare(PrepareConfig(data_dir=str(out), out=str(tmp_path / "prepared")), tokenizer=tokenizer, progress=False)
+    out = synthesize_mod.synthesize(spec_path, tmp_path / "export", model=str(tiny_model_dir), lora=str(lora_dir),
+                                    pipe=pipe, progress=False)
+    result = prepare(PrepareConfig(data_dir=str(out), out=str(tmp_path / "prepared")), tokenizer=tokenizer,
+                     progress=False)
     total = sum(item["count"] for item in spec["items"])
     assert result.summary["images_listed"] == result.summary["pairs"] == total
     reports = pd.read_csv(out / "indiana_reports.csv")
@@ -238,7 +244,8 @@ def test_a_spec_is_checked_against_its_schema_before_anything_is_written(tmp_pat
     assert not (tmp_path / "spec.json").exists()
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(CxrError, match=message):
-        synthesize_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(), progress=False)
+        synthesize_mod.synthesize(tmp_path / "spec.json", tmp_path / "out", model="unused", pipe=object(),
+                                  progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -12,7 +12,8 @@ from cxr_helpers.demo.films import Finding, draw_patient, render
 def test_exact_kaggle_layout(synth_dir):
     reports = pd.read_csv(synth_dir / "indiana_reports.csv", keep_default_na=False)
     projections = pd.read_csv(synth_dir / "indiana_projections.csv")
-    assert list(reports.columns) == ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+    assert list(reports.columns) == ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings",
+                                     "impression"]
     assert list(projections.columns) == ["uid", "filename", "projection"]
     assert set(projections["projection"]) == {"Frontal", "Lateral"}
     assert projections["filename"].str.fullmatch(r"\d+_IM-\d{4}-\d{4}\.dcm\.png").all()
@@ -25,7 +26,8 @@ def test_exact_kaggle_layout(synth_dir):
 
 
 def test_impressions_have_the_real_datas_quirks(tmp_path):
-    out = make_synthetic_dataset(SynthConfig(out=str(tmp_path / "d"), reports=300, image_size=64, broken_images=0), progress=False)
+    out = make_synthetic_dataset(SynthConfig(out=str(tmp_path / "d"), reports=300, image_size=64, broken_images=0),
+                                 progress=False)
     text = pd.read_csv(out / "indiana_reports.csv", keep_default_na=False)["impression"]
     assert (text == "").sum() > 0  # some empty
     assert text.str.contains("XXXX").mean() > 0.05  # de-identification marks
@@ -73,4 +75,5 @@ def test_prompts_control_the_pictures():
     # Opacity: the named lobe is brighter than in the same patients without it.
     def zone(film):
         return film[34:50, 24:56].mean()
-    assert np.mean([zone(f) for f in _films([Finding("opacity", side="right", zone="upper")])]) > np.mean([zone(f) for f in _films([])]) + 5
+    assert (np.mean([zone(f) for f in _films([Finding("opacity", side="right", zone="upper")])])
+            > np.mean([zone(f) for f in _films([])]) + 5)

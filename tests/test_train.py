@@ -32,7 +32,8 @@ def fixed_batch_loss(unet, noise_scheduler, latents, embeddings):
     cfg = TrainConfig()
     with torch.no_grad():
         return float(sum(training_step.diffusion_loss(unet, noise_scheduler, latents, embeddings,
-                                                      torch.Generator().manual_seed(k), cfg, "epsilon") for k in range(8)) / 8)
+                                                      torch.Generator().manual_seed(k), cfg, "epsilon")
+                         for k in range(8)) / 8)
 
 
 def test_a_few_steps_change_the_lora_and_lower_the_loss(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
@@ -93,15 +94,16 @@ def test_outputs_load_in_plain_diffusers_and_change_the_images(pairs_csv, synth_
 
 
 def test_the_encodings_cache_is_reused(pairs_csv, synth_dir, tiny_model_dir, tmp_path, monkeypatch):
-    first = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "a", max_steps=1, cache_dir=str(tmp_path / "cache"),
-                         random_flip=True), progress=False)
+    first = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "a", max_steps=1,
+                         cache_dir=str(tmp_path / "cache"), random_flip=True), progress=False)
     assert not first.encodings_hit and first.encoded_images > 0
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded again")
     monkeypatch.setattr(encodings, "encode_images", no_encoding)
     monkeypatch.setattr(encodings, "encode_prompts", no_encoding)
-    second = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "b", max_steps=1, cache_dir=str(tmp_path / "cache"),
-                          random_flip=True, validation_every=0, validation_prompts=()), progress=False)
+    second = train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "b", max_steps=1,
+                          cache_dir=str(tmp_path / "cache"), random_flip=True, validation_every=0,
+                          validation_prompts=()), progress=False)
     assert second.encodings_hit and second.encoded_images == 0
 
 
@@ -142,15 +144,18 @@ def test_killed_run_resumes_to_the_same_weights(pairs_csv, synth_dir, tiny_model
 def test_resume_needs_a_checkpoint_and_the_same_settings(pairs_csv, synth_dir, tiny_model_dir, tmp_path):
     with pytest.raises(CxrError, match="holds no checkpoint; start without --resume"):
         train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", resume="latest"), progress=False)
-    train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", max_steps=2, validation_prompts=()), progress=False)
+    train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", max_steps=2, validation_prompts=()),
+          progress=False)
     with pytest.raises(CxrError, match="different learning_rate"):
-        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", max_steps=4, learning_rate=5e-4, resume="latest"),
+        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", max_steps=4, learning_rate=5e-4,
+                     resume="latest"),
               progress=False)
     with pytest.raises(CxrError, match="not a checkpoint folder"):
         train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "r", resume=str(tmp_path)), progress=False)
 
 
-def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(pairs_csv, synth_dir, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(pairs_csv, synth_dir, tiny_model_dir, tmp_path,
+                                                             monkeypatch):
     real = train_mod.diffusion_loss
     calls = []
     def flaky(*args, **kwargs):
@@ -159,7 +164,8 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(pairs_csv, synth_di
         return loss * float("nan") if len(calls) == 5 else loss
     monkeypatch.setattr(train_mod, "diffusion_loss", flaky)
     with pytest.raises(CxrError, match=r"the loss became nan at step 5; .*step-0000004.*lower --learning-rate"):
-        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "n", max_steps=8, checkpoint_every=2), progress=False)
+        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "n", max_steps=8, checkpoint_every=2),
+              progress=False)
     kept = checkpoint_dirs(tmp_path / "n")
     assert kept[-1].name == "step-0000004"
     assert all(torch.isfinite(v).all() for v in load_file(str(kept[-1] / "lora.safetensors")).values())
@@ -177,7 +183,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(pairs_csv, synth_dir,
         return real(tensors, path, *args, **kwargs)
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(CxrError, match="step 4 .*No space left.*step-0000002 is intact.*--resume latest"):
-        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "w", max_steps=6, checkpoint_every=2), progress=False)
+        train(config(pairs_csv, synth_dir, tiny_model_dir, tmp_path / "w", max_steps=6, checkpoint_every=2),
+              progress=False)
     folder = tmp_path / "w" / "checkpoints"
     assert [p.name for p in folder.iterdir()] == ["step-0000002"]
     assert load_file(str(folder / "step-0000002" / "lora.safetensors"))
@@ -189,7 +196,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(pairs_csv, synth_dir,
     ({"pairs": "/no/pairs.csv"}, "does not exist; run `python -m cxr_helpers prepare`"),
     ({"model": "/no/model"}, "has no model_index.json"),
     ({"model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "needs internet"),
-    ({"model": "runwayml/stable-diffusion-v1-5"}, "was deleted from the Hugging Face hub in 2024; use its maintained copy"),
+    ({"model": "runwayml/stable-diffusion-v1-5"},
+     "was deleted from the Hugging Face hub in 2024; use its maintained copy"),
     ({"mixed_precision": "fp16"}, "needs a GPU"),
     ({"lr_scheduler": "sideways"}, "is not known"),
 ])

@@ -57,7 +57,8 @@ def test_mistakes_show_in_the_panel_and_keep_the_last_images(panel):
     assert panel.generate() is first and "Type a prompt" in panel.status.value
     panel.prompt.value = " ".join(["lung"] * 80)
     panel.strict.value = True
-    assert panel.generate() is first and "over the 77 limit" in panel.status.value and "cxr-status-error" in panel.status.value
+    assert (panel.generate() is first and "over the 77 limit" in panel.status.value
+            and "cxr-status-error" in panel.status.value)
     assert panel.images is first and not panel.button.disabled
 
 

@@ -43,7 +43,8 @@ _SMOKE_STAGES = {
     # Offline demo: the stand-in network, no XRV DenseNet (its weights are a download), and the
     # synthetic films' geometry oracle for prompt adherence.
     "evaluate": {"resolution": _DEMO_PX, "feature_net": "standin",
-                 "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"), "adherence_scorer": "geometry"},
+                 "metrics": ("fid", "kid", "is", "prdc", "diversity", "audit", "adherence"),
+                 "adherence_scorer": "geometry"},
 }
 # 128 px with cached latents: SD1.5's UNet in fp16 at batch 16 fits a 16 GB card with room.
 # fp16 because neither Kaggle's T4 nor older 16 GB cards (P100, V100) have bf16.

@@ -1,10 +1,10 @@
 """One dataclass per stage, and a JSON round trip.
 
 Each field is declared once with `setting`: its type (the annotation), default, help, allowed
-values and what it is to the stage's output (output_identity); the CLI's flags (flags.py) and the notebooks' configs come from it. A stage's config is
-built from its defaults, then the preset's values for that stage (presets.py), then what the user
-passed. It is saved as JSON beside every artifact the stage writes, with the library versions,
-so that any output says how it was made.
+values and what it is to the stage's output (output_identity); the CLI's flags (flags.py) and the
+notebooks' configs come from it. A stage's config is built from its defaults, then the preset's
+values for that stage (presets.py), then what the user passed. It is saved as JSON beside every
+artifact the stage writes, with the library versions, so that any output says how it was made.
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ class EvalConfig(Checked):
                                        "else it is skipped")
     audit_percentile: float = setting(99.9, above=0.0, below=100.0, help="flag only above this percentile of "
                                       "real test images' nearest-train similarities too")
-    resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="image size in px the features are computed at")
+    resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY,
+                              help="image size in px the features are computed at")
     fit: str = setting("stretch", choices=FITS, help="how a film becomes a square")
     cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": real-image features, resized images")
     seed: int = setting(0, min=0, help="random seed of subsets and jackknife groups")
@@ -285,7 +286,8 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
 
 def load_config(cls: type[C], path: str | Path) -> C:
     payload = read_user_json(path, "config file", f"pass a {cls.STAGE}_config.json written by the stage")
-    if not isinstance(payload, dict) or payload.get("stage") != cls.STAGE or not isinstance(payload.get("config"), dict):
+    if (not isinstance(payload, dict) or payload.get("stage") != cls.STAGE
+            or not isinstance(payload.get("config"), dict)):
         stage = payload.get("stage") if isinstance(payload, dict) else None
         raise CxrError(f"{path} holds a {stage!r} config, not a {cls.STAGE!r} one; pass a {cls.STAGE}_config.json")
     return stage_config(cls, **payload["config"])

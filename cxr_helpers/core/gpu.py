@@ -106,9 +106,10 @@ def check_cuda(what: str = "this stage") -> None:
 
         name, arch = found
         raise CxrError(
-            f"the installed torch {torch.__version__} has no kernels for the {name} ({arch}), so {what} cannot run on it: "
-            f"install the same torch built for CUDA 12.6, which has them (`{shlex.join(old_card_install_command()[2:])}`, "
-            "Internet on; the notebooks' first cell does this for you), then restart; or pick a T4 (on Kaggle: GPU T4 x2)")
+            f"the installed torch {torch.__version__} has no kernels for the {name} ({arch}), so {what} cannot run "
+            "on it: install the same torch built for CUDA 12.6, which has them "
+            f"(`{shlex.join(old_card_install_command()[2:])}`, Internet on; the notebooks' first cell does this for "
+            "you), then restart; or pick a T4 (on Kaggle: GPU T4 x2)")
 
 
 def generation_device():

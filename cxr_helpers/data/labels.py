@@ -53,7 +53,8 @@ def report_labels(reports: pd.DataFrame) -> pd.DataFrame:
     findings = sorted(set(REPORT_TERM_TO_FINDING.values()))
     rows = []
     blank = pd.Series([""] * len(reports), index=reports.index)
-    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank), strict=True):
+    for uid, mesh, problems in zip(reports["uid"], reports.get("MeSH", blank), reports.get("Problems", blank),
+                                   strict=True):
         mapped = {REPORT_TERM_TO_FINDING[t] for t in report_terms(mesh, problems) if t in REPORT_TERM_TO_FINDING}
         rows.append({"uid": int(uid), **{f: f in mapped for f in findings}})
     table = pd.DataFrame(rows, columns=["uid", *findings]).set_index("uid")

@@ -70,7 +70,8 @@ def _lung_geometry(p: Patient, emphysema: bool):
     dome_r = 0.70 + (0.06 if emphysema else 0.0)
     dome_l = 0.73 + (0.06 if emphysema else 0.0)
     dome_height = 0.025 if emphysema else 0.055
-    return {"right": (0.31, 0.47, rx, ry, dome_r, dome_height), "left": (0.69, 0.47, rx * 0.96, ry, dome_l, dome_height)}
+    return {"right": (0.31, 0.47, rx, ry, dome_r, dome_height),
+            "left": (0.69, 0.47, rx * 0.96, ry, dome_l, dome_height)}
 
 
 def _zone_y(zone: str | None, dome: float) -> float:
@@ -147,7 +148,8 @@ def _draw_frontal_bones(img, x, y, p: Patient, torso) -> None:
     # Clavicles.
     for sign in (-1, 1):
         t = np.clip(sign * (x - 0.5), 0, 0.3)
-        img += 0.16 * _smooth_mask(np.abs(y - (0.16 + 0.12 * t)) - 0.011, 0.01) * (np.abs(x - 0.5) < 0.32) * (np.abs(x - 0.5) > 0.04)
+        img += (0.16 * _smooth_mask(np.abs(y - (0.16 + 0.12 * t)) - 0.011, 0.01)
+                * (np.abs(x - 0.5) < 0.32) * (np.abs(x - 0.5) > 0.04))
     # Spine and mediastinum.
     img += 0.22 * _smooth_mask(np.abs(x - 0.5) - 0.045, 0.02) * torso
 

@@ -68,14 +68,16 @@ def describe(f: Finding, rng) -> str:
         sev = _SEVERITY_WORD[f.severity]
         if f.side == "bilateral":
             return pick([f"{sev} bilateral pleural effusions.", "Bilateral pleural effusions."])
-        return pick([f"{sev} {f.side} pleural effusion.", f"Blunting of the {f.side} costophrenic angle consistent with {sev.lower()} effusion.",
+        return pick([f"{sev} {f.side} pleural effusion.",
+                     f"Blunting of the {f.side} costophrenic angle consistent with {sev.lower()} effusion.",
                      f"{sev} {f.side}-sided pleural effusion."])
     if f.kind == "opacity":
         lobe = f"{f.side} {f.zone} lobe"
         return pick([f"{lobe.capitalize()} opacity concerning for pneumonia.", f"{lobe.capitalize()} airspace disease.",
                      f"Focal {lobe} consolidation.", f"Patchy opacity in the {lobe}, may represent pneumonia."])
     if f.kind == "granuloma":
-        return pick([f"Calcified granuloma in the {f.side} {f.zone} lobe.", f"{f.side.capitalize()} {f.zone} lobe calcified granuloma.",
+        return pick([f"Calcified granuloma in the {f.side} {f.zone} lobe.",
+                     f"{f.side.capitalize()} {f.zone} lobe calcified granuloma.",
                      f"Stable calcified granuloma, {f.side} {f.zone} lobe."])
     if f.kind == "atelectasis":
         base = "bibasilar" if f.side == "bilateral" else f"{f.side} basilar"
@@ -121,9 +123,12 @@ def write_impression(report: SynthReport, rng) -> str:
 
 def write_findings(report: SynthReport) -> str:
     kinds = {f.kind for f in report.findings}
-    heart = "The heart is enlarged." if "cardiomegaly" in kinds else "The heart size and mediastinal contours are within normal limits."
+    heart = ("The heart is enlarged." if "cardiomegaly" in kinds
+             else "The heart size and mediastinal contours are within normal limits.")
     pleura = "There is pleural fluid." if "effusion" in kinds else "There is no pleural effusion or pneumothorax."
-    lungs = "The lungs are hyperexpanded." if "emphysema" in kinds else "The lungs are clear." if not kinds - {"cardiomegaly"} else "There are focal lung findings as described."
+    lungs = ("The lungs are hyperexpanded." if "emphysema" in kinds
+             else "The lungs are clear." if not kinds - {"cardiomegaly"}
+             else "There are focal lung findings as described.")
     return f"{heart} {pleura} {lungs}"
 
 
@@ -214,12 +219,14 @@ def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
         reports.append({
             "uid": uid, "MeSH": mesh, "Problems": problems,
             "image": "Xray Chest PA and Lateral" if len(views) > 1 else "XR Chest PA",
-            "indication": f"XXXX-year-old {'male' if rng.random() < 0.5 else 'female'} with {rng.choice(['chest pain', 'dyspnea', 'cough', 'preoperative evaluation'])}.",
+            "indication": f"XXXX-year-old {'male' if rng.random() < 0.5 else 'female'} with "
+                          f"{rng.choice(['chest pain', 'dyspnea', 'cough', 'preoperative evaluation'])}.",
             "comparison": "None." if rng.random() < 0.6 else "XXXX",
             "findings": write_findings(report), "impression": impression,
         })
         labels.append({"uid": uid, "labels": ";".join(sorted({f.kind for f in report.findings})) or "normal",
-                       "findings": "|".join(f"{f.kind}:{f.side or ''}:{f.zone or ''}:{f.severity or ''}" for f in report.findings)})
+                       "findings": "|".join(f"{f.kind}:{f.side or ''}:{f.zone or ''}:{f.severity or ''}"
+                                            for f in report.findings)})
         aspect = rng.uniform(0.8, 1.25)  # real films are portrait and landscape
         height = int(cfg.image_size * rng.uniform(0.9, 1.1))
         width = int(height * aspect)

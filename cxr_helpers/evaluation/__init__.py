@@ -1,4 +1,5 @@
-"""The evaluation stage: feature networks, image sets, metrics, the memorisation audit, prompt adherence and its scorers."""
+"""The evaluation stage: feature networks, image sets, metrics, the memorisation audit,
+prompt adherence and its scorers."""
 
 from ..core.lazy import lazy_exports
 

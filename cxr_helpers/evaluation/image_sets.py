@@ -59,13 +59,15 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     if not folder.is_dir():
         raise CxrError(f"generated dir {folder} does not exist; make it with `python -m cxr_helpers sample`")
     if not meta_path.is_file():
-        raise CxrError(f"generated dir {folder} has no metadata.csv; pass a folder written by `python -m cxr_helpers sample`")
+        raise CxrError(f"generated dir {folder} has no metadata.csv; pass a folder written by "
+                       "`python -m cxr_helpers sample`")
     from ..core.layout import inside
 
     try:
         meta = read_csv(meta_path, keep_default_na=False, dtype={"file": str, "prompt": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CxrError(f"{meta_path} is not a readable CSV ({exc.__class__.__name__}); re-run sample into {folder}") from None
+        raise CxrError(f"{meta_path} is not a readable CSV ({exc.__class__.__name__}); "
+                       f"re-run sample into {folder}") from None
     missing = [c for c in ("file", "prompt") if c not in meta.columns]
     if missing:
         raise CxrError(f"{meta_path} lacks the column(s) {', '.join(missing)}; pass a folder written by "

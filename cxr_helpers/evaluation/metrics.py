@@ -69,7 +69,8 @@ def torchmetrics_kid(real: torch.Tensor, fake: torch.Tensor, subset: int, seed: 
 
     with warnings.catch_warnings():  # "will save all extracted features": they are already in memory
         warnings.simplefilter("ignore")
-        kid = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=subset, normalize=False).to(device)
+        kid = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subset_size=subset,
+                                      normalize=False).to(device)
     kid.update(real.to(device), real=True)
     kid.update(fake.to(device), real=False)
     torch.manual_seed(seed)  # KID draws its subsets from torch's global generator
@@ -207,6 +208,7 @@ def diversity(image_set: ImageSet) -> pd.DataFrame:
         scores = []
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
-                scores.append(float(ms_ssim(imgs[a:a + 1], imgs[b:b + 1], data_range=1.0, kernel_size=kernel, betas=betas)))
+                scores.append(float(ms_ssim(imgs[a:a + 1], imgs[b:b + 1], data_range=1.0, kernel_size=kernel,
+                                            betas=betas)))
         rows.append({"prompt": prompt, "images": len(idx), "ms_ssim": float(np.mean(scores))})
     return pd.DataFrame(rows, columns=["prompt", "images", "ms_ssim"])

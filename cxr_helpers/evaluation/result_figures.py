@@ -30,13 +30,17 @@ def metric_intervals(table: pd.DataFrame, save_to=None):
         ax.axis("on")
         part = table[table["metric"] == metric]
         values = part["value"].astype(float).to_numpy()
-        low = np.where(part["ci_low"].notna(), values - part["ci_low"].astype(float), part["std"].astype(float).fillna(0))
-        high = np.where(part["ci_high"].notna(), part["ci_high"].astype(float) - values, part["std"].astype(float).fillna(0))
+        low = np.where(part["ci_low"].notna(), values - part["ci_low"].astype(float),
+                       part["std"].astype(float).fillna(0))
+        high = np.where(part["ci_high"].notna(), part["ci_high"].astype(float) - values,
+                        part["std"].astype(float).fillna(0))
         # FID's interval is centred on the estimate (jackknife), so the error bars are never negative.
-        bars = ax.bar(range(len(part)), values, yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)], capsize=4,
-               color=[colour[s] for s in part["set"]])
+        bars = ax.bar(range(len(part)), values,
+                      yerr=[np.clip(np.nan_to_num(low), 0, None), np.clip(np.nan_to_num(high), 0, None)],
+                      capsize=4, color=[colour[s] for s in part["set"]])
         ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center")  # a zero bar still reads as 0
-        ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18, placeholder="…") for s in part["set"]], rotation=20, ha="right")
+        ax.set_xticks(range(len(part)), [textwrap.shorten(s, 18, placeholder="…") for s in part["set"]],
+                      rotation=20, ha="right")
         n = part["n_generated"].dropna()
         ax.set_title(metric_label(metric) + (f"  (N={int(n.max())})" if len(n) else ""))
     networks = sorted(set(table["feature_network"].dropna()))
@@ -67,7 +71,8 @@ def nearest_pairs(audit: pd.DataFrame, sets: dict, train, test, baseline, top: i
              f"{int(audit['flagged_test'].sum())} test-image matches (not memorisation); flagged above "
              f"r {baseline.pixel_threshold:.3f} or cosine {baseline.cosine_threshold:.4f}\n(baseline: "
              f"{baseline.percentile:g}th percentile of {baseline.n_test} real test films vs {baseline.n_train} train "
-             f"films: r {baseline.pixel_correlation:.3f}, cosine {baseline.feature_cosine:.4f}; real images are patient data)")
+             f"films: r {baseline.pixel_correlation:.3f}, cosine {baseline.feature_cosine:.4f}; "
+             "real images are patient data)")
     return image_grid(images, captions, columns=4, save_to=save_to, title=title, colours=colours)
 
 
@@ -81,14 +86,16 @@ def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
     pad = max(0.02, 0.05 * (high - low))
     bins = np.linspace(max(0.0, low - pad), min(1.0, high + pad), 13)
     fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
-    ax.hist(values, bins=bins, color=set_colours(sets), label=[f"{s} (mean {v.mean():.3f})" for s, v in zip(sets, values, strict=True)])
+    ax.hist(values, bins=bins, color=set_colours(sets),
+            label=[f"{s} (mean {v.mean():.3f})" for s, v in zip(sets, values, strict=True)])
     ax.set_xlabel("mean pairwise MS-SSIM among the images of one prompt (lower = more diverse)")
     ax.set_ylabel("prompts")
     ax.yaxis.get_major_locator().set_params(integer=True)
     first = diversity[diversity["set"] == sets[0]] if sets else diversity
     # Sampled test pairs that share an impression are one prompt here: say so, or "5 prompts" of
     # 12 requested looks like a loss.
-    ax.set_title(f"Within-prompt diversity: {len(first)} distinct prompts, {int(first['images'].sum())} images per set\n"
+    ax.set_title(f"Within-prompt diversity: {len(first)} distinct prompts, "
+                 f"{int(first['images'].sum())} images per set\n"
                  "(test pairs that share an impression are pooled into one prompt)", fontsize=10)
     ax.legend(frameon=False)
     return finish(fig, save_to)
@@ -113,7 +120,8 @@ def adherence_bars(adherence: pd.DataFrame, save_to=None):
     labels = []
     for finding in findings:
         counts = adherence[adherence["finding"] == finding]
-        labels.append(finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-" for r in counts.itertuples()))
+        labels.append(finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-"
+                                                for r in counts.itertuples()))
     ax.set_xticks(range(len(findings)), labels, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("AUROC of the score vs the prompt's label")

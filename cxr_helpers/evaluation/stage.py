@@ -104,7 +104,8 @@ def read_real_sets(cfg: EvalConfig, data_dir: Path, cache_dir: Path) -> tuple[Im
     if len(real.images) < 2:
         raise CxrError(f"the test split of {cfg.pairs} has {len(real.images)} image(s); at least 2 are needed; "
                        "re-run prepare with a larger --test-fraction")
-    train = real_set(cfg, "train", data_dir, cache_dir, "real train") if (cfg.real_floor or "audit" in cfg.metrics) else None
+    train = (real_set(cfg, "train", data_dir, cache_dir, "real train")
+             if (cfg.real_floor or "audit" in cfg.metrics) else None)
     return real, train
 
 
@@ -210,7 +211,8 @@ def write_outputs(inputs: EvalInputs, measured: Measurements, table: pd.DataFram
     write_json(out / METRICS_JSON, {
         "metrics": table.astype(object).where(table.notna(), None).to_dict("records"), "n_per_set": n,
         "notes": measured.notes, "feature_network": inputs.net.name, "kid_subset": inputs.kid_subset,
-        "is_splits": inputs.is_splits, "unreadable": {one.images.name: one.images.unreadable for one in inputs.generated},
+        "is_splits": inputs.is_splits,
+        "unreadable": {one.images.name: one.images.unreadable for one in inputs.generated},
         "audit_baseline": asdict(baseline) if baseline else None,
         "config": config_to_dict(inputs.cfg), "versions": library_versions()})
     audit = measured.tables.get("audit", pd.DataFrame())

@@ -145,7 +145,8 @@ def check_prompt_lengths(counts: list[int], strict: bool) -> None:
 
 def metadata_rows(cfg: SampleConfig, prompts: list[str], counts: list[int]) -> list[dict]:
     """One metadata.csv row per image: image k of prompt i, its file name and seed."""
-    settings = dict(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
+    settings = dict(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance,
+                    negative_prompt=cfg.negative_prompt,
                     lora_scale=cfg.lora_scale if cfg.lora else 0.0, model=cfg.model, lora=cfg.lora,
                     resolution=cfg.resolution, upscale=cfg.upscale)
     return [metadata_row(prompt, i, k, image_seed(cfg.seed, i, k), counts[i], **settings)
@@ -160,7 +161,8 @@ def metadata_row(prompt: str, prompt_index: int, k: int, seed: int, n_tokens: in
     name = f"{prompt_index:05d}_{k:02d}_seed{seed}.png"
     return {"file": name, "prompt": prompt, "prompt_index": prompt_index, "k": k, "seed": seed, "steps": steps,
             "scheduler": scheduler, "guidance": guidance, "negative_prompt": negative_prompt, "lora_scale": lora_scale,
-            "model": model, "lora": lora, "resolution": resolution, "upscaled_file": f"upscaled/{name}" if upscale else "",
+            "model": model, "lora": lora, "resolution": resolution,
+            "upscaled_file": f"upscaled/{name}" if upscale else "",
             "n_tokens": n_tokens, "truncated": n_tokens > CLIP_MAX_TOKENS}
 
 

@@ -100,7 +100,8 @@ class PromptPanel:
 
     def _say(self, text: str, kind: str = "error") -> None:
         colour = {"error": "#c44e52", "info": "#555", "ok": "#55a868"}[kind]
-        self.status.value = f"<span class='cxr-status-{kind}' style='color:{colour}'>{html.escape(text)}</span>" if text else ""
+        self.status.value = (f"<span class='cxr-status-{kind}' style='color:{colour}'>{html.escape(text)}</span>"
+                             if text else "")
 
     def _busy(self, busy: bool) -> None:
         self.button.disabled = busy

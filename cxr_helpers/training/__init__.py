@@ -1,4 +1,5 @@
-"""The training stage: setup, the step, the encodings cache, checkpoints, the LoRA export, the accelerate launch, progress, validation grids."""
+"""The training stage: setup, the step, the encodings cache, checkpoints, the LoRA export,
+the accelerate launch, progress, validation grids."""
 
 from ..core.lazy import lazy_exports
 

@@ -111,7 +111,8 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, lr_scheduler, cfg: Tr
         shutil.rmtree(tmp, ignore_errors=True)
         kept = previous[-1] if previous else None
         raise CxrError(f"could not write the checkpoint at step {step} ({exc.__class__.__name__}: {exc}); "
-                       + (f"the previous checkpoint {kept} is intact: free disk space and run again with --resume latest"
+                       + (f"the previous checkpoint {kept} is intact: free disk space and run again with "
+                          "--resume latest"
                           if kept else "no earlier checkpoint exists: free disk space and start again")) from None
     for old in checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
@@ -152,7 +153,8 @@ def find_checkpoint(out: Path, resume: str) -> Path:
         # One process adopts (run_training does it before starting several).
         if not found and is_main_process() and (attached := attached_checkpoints()):
             found = [adopt_checkpoint(out, attached[-1])]
-            log.info("resume latest: continuing an earlier session's run from %s (copied to %s)", attached[-1], found[0])
+            log.info("resume latest: continuing an earlier session's run from %s (copied to %s)",
+                     attached[-1], found[0])
         if not found:
             raise CxrError(f"--resume latest: {out / CHECKPOINTS_DIR} holds no checkpoint"
                            + (" and no attached input holds one" if on_kaggle() else "")

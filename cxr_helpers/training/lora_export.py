@@ -26,7 +26,8 @@ def save_lora(out: Path, unet, cfg: TrainConfig, info: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, weight_name=LORA_WEIGHTS)
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True,
+                                              weight_name=LORA_WEIGHTS)
     write_json(tmp / LORA_CONFIG_JSON, {"base_model": cfg.model, "config": config_to_dict(cfg), **info,
                                      "versions": library_versions()})
     write_text(tmp / LORA_CARD, model_card(cfg, info))
@@ -80,8 +81,9 @@ Radiology impressions as written in the reports: "No acute cardiopulmonary abnor
 
 ## Training
 
-{info.get('steps_done')} steps, batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {info.get('processes', 1)} process(es),
-learning rate {cfg.learning_rate} ({cfg.lr_scheduler}), precision {cfg.mixed_precision}, seed {cfg.seed};
+{info.get('steps_done')} steps, batch {cfg.batch_size} x accumulation {cfg.grad_accum} x
+{info.get('processes', 1)} process(es), learning rate {cfg.learning_rate} ({cfg.lr_scheduler}), precision
+{cfg.mixed_precision}, seed {cfg.seed};
 final loss {info.get('final_loss')}. Full settings and library versions: `{LORA_CONFIG_JSON}`.
 
 ## Limits

@@ -28,7 +28,8 @@ def train_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs_all = load_pairs(cfg.pairs)
     pairs = pairs_all[pairs_all["split"] == "train"].reset_index(drop=True)
     if pairs.empty:
-        raise CxrError(f"{cfg.pairs} has no train-split pairs; re-run prepare (its --test-fraction leaves none for training?)")
+        raise CxrError(f"{cfg.pairs} has no train-split pairs; re-run prepare (its --test-fraction leaves none for "
+                       "training?)")
     return pairs_all, pairs
 
 

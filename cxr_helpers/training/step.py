@@ -35,8 +35,10 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, cfg: T
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     if cfg.noise_offset:
-        noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+        noise += cfg.noise_offset * offset.to(device, latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
@@ -49,7 +51,8 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator, cfg: T
     return (loss * weights).mean()
 
 
-def sample_latents(enc: Encodings, rows: list[int], generator, flips: torch.Tensor | None, scale: float) -> torch.Tensor:
+def sample_latents(enc: Encodings, rows: list[int], generator, flips: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
     """A latent sample from each row's cached posterior (mirrored rows from the flipped cache)."""
     moments = enc.moments[rows]
     if flips is not None and enc.moments_flipped is not None:

@@ -27,7 +27,8 @@ def default_validation_prompts(pairs: str | Path | pd.DataFrame, n: int = 4, dat
     return pool["prompt"].head(n).tolist()
 
 
-def validation_grid(pipe, cfg: TrainConfig, prompts, out_path: Path, title: str, lora_scale: float | None = None) -> Path:
+def validation_grid(pipe, cfg: TrainConfig, prompts, out_path: Path, title: str,
+                    lora_scale: float | None = None) -> Path:
     from ..figures import plots
 
     seeds = list(cfg.validation_seeds)

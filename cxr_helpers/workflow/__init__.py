@@ -3,7 +3,8 @@
 from ..core.lazy import lazy_exports
 
 _WHERE = {
-    **dict.fromkeys(['resolve_inputs', 'prepared_pairs', 'trained_lora', 'record', 'output_dir', 'run_notebooks', 'list_notebooks'], 'notebooks'),
+    **dict.fromkeys(['resolve_inputs', 'prepared_pairs', 'trained_lora', 'record', 'output_dir', 'run_notebooks',
+                     'list_notebooks'], 'notebooks'),
     **dict.fromkeys(['build', 'push'], 'kaggle'),
 }
 __all__ = list(_WHERE)

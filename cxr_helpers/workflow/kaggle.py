@@ -34,7 +34,8 @@ KERNEL_FIELDS = ("id", "title", "code_file", "language", "kernel_type", "is_priv
 HELPERS_DIR = "helpers-dataset"
 
 # The first code cell of every published notebook: installs the helpers (no sys.path hacks).
-INSTALL_CELL = '''# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this
+INSTALL_CELL = '''\
+# Install the cxr-lora helpers once: on Kaggle from the attached helpers dataset's wheel, elsewhere from this
 # checkout. Then, before torch is imported, check that it can drive this GPU (an older card gets the CUDA 12.6
 # build of torch).
 import importlib.util
@@ -201,7 +202,8 @@ def read_build(build_dir: str | Path) -> dict:
     build_dir = Path(build_dir)
     info_path = build_dir / KAGGLE_BUILD_JSON
     if not info_path.is_file():
-        raise CxrError(f"{build_dir} is not a build folder (no {KAGGLE_BUILD_JSON}); run `python -m cxr_helpers kaggle build --out {build_dir}` first")
+        raise CxrError(f"{build_dir} is not a build folder (no {KAGGLE_BUILD_JSON}); "
+                       f"run `python -m cxr_helpers kaggle build --out {build_dir}` first")
     info = json.loads(info_path.read_text())
     if info["owner"] == OWNER_PLACEHOLDER:
         raise CxrError(f"the build in {build_dir} has the placeholder owner; rebuild with --owner YOUR_KAGGLE_USERNAME")
@@ -226,8 +228,10 @@ def push_commands(build_dir: str | Path, only: list[str] | None = None) -> list[
     build_dir = Path(build_dir)
     info = read_build(build_dir)
     helpers = build_dir / HELPERS_DIR
-    commands = [["kaggle", "datasets", "version", "-p", str(helpers), "-m", f"helpers {info['wheel']}", "--dir-mode", "zip"]]
-    commands += [["kaggle", "kernels", "push", "-p", str(folder)] for folder, _ in kernel_folders(build_dir, info, only)]
+    commands = [["kaggle", "datasets", "version", "-p", str(helpers), "-m", f"helpers {info['wheel']}",
+                 "--dir-mode", "zip"]]
+    commands += [["kaggle", "kernels", "push", "-p", str(folder)]
+                 for folder, _ in kernel_folders(build_dir, info, only)]
     return commands
 
 
@@ -276,9 +280,11 @@ def check_cli(runner=subprocess.run) -> None:
         message = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no message"]
         missing = re.search(r"No module named '([^']+)'", message[0])
         if missing:
-            raise CxrError(f"the kaggle command fails to start: it needs the Python module {missing.group(1)!r}, which it "
-                           f"does not declare; `pip install {missing.group(1)}` (or `pip install -e \".[publish]\"`)")
-        raise CxrError(f"the kaggle command fails to start ({message[0][:200]}); reinstall it with `pip install -e \".[publish]\"`")
+            raise CxrError(f"the kaggle command fails to start: it needs the Python module {missing.group(1)!r}, "
+                           f"which it does not declare; `pip install {missing.group(1)}` "
+                           "(or `pip install -e \".[publish]\"`)")
+        raise CxrError(f"the kaggle command fails to start ({message[0][:200]}); "
+                       "reinstall it with `pip install -e \".[publish]\"`")
 
 
 def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wait: bool = True,
@@ -316,8 +322,8 @@ def push(build_dir: str | Path, dry_run: bool = False, runner=subprocess.run, wa
                  {"ready"}, runner, timeout_s, poll_s, sleep, clock)
     for folder, meta in kernel_folders(build_dir, info, only):
         for source in meta["kernel_sources"] if wait else []:
-            wait_for(f"notebook {source}", ["kaggle", "kernels", "status", source], FINISHED, runner, timeout_s, poll_s, sleep,
-                     clock)
+            wait_for(f"notebook {source}", ["kaggle", "kernels", "status", source], FINISHED, runner, timeout_s,
+                     poll_s, sleep, clock)
         command = ["kaggle", "kernels", "push", "-p", str(folder)]
         done = runner(command, capture_output=True, text=True)
         if done.returncode:
