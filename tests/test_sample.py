@@ -206,7 +206,7 @@ def test_a_lora_that_fails_to_load_says_why_not_that_it_does_not_fit(tiny_model_
     # A damaged file: the shapes are not the problem, so the library's own reason is reported.
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{broken}")
-    with pytest.raises(CxrError, match=r"could not load LoRA .*: \w+Error: .*copy the lora/ folder again") as info:
+    with pytest.raises(CxrError, match=r"the LoRA file .* is damaged \(\w+Error: .*train again") as info:
         load_sampling_pipeline(str(tiny_model_dir), tmp_path / "damaged")
     assert "does not fit" not in str(info.value)
 
