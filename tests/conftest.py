@@ -89,3 +89,17 @@ def write_set(folder, images, prompts):
         rows.append({"file": name, "prompt": prompt})
     pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
     return folder
+
+
+def run_code_cell(folder, code):
+    """Execute `code` as a one-cell notebook through papermill (a real kernel) in `folder`;
+    the executed cell's outputs, as a saved notebook holds them."""
+    import nbformat
+    import papermill
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, str(folder / "in.ipynb"))
+    papermill.execute_notebook(str(folder / "in.ipynb"), str(folder / "out.ipynb"), kernel_name="python3",
+                               progress_bar=False, cwd=str(folder))
+    return nbformat.read(str(folder / "out.ipynb"), as_version=4).cells[0].outputs

@@ -1,20 +1,14 @@
 """A notebook run headless (papermill) saves each progress bar's final text, not the "0%|" a
 widget bar is stored with; the control: tqdm.auto's own bar, saved the same way, shows 0%."""
 
-import nbformat
-import papermill
+from conftest import run_code_cell
 
 
 def saved_bar_texts(tmp_path, import_line):
     code = (f"{import_line}\nfor _ in tqdm(range(20), desc='loop'):\n    pass\n"
             "bar = tqdm(total=5, desc='manual')\nbar.update(5)\nbar.close()\n"
             "for _ in tqdm(range(3), desc='hidden', disable=True):\n    pass")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(nb, str(tmp_path / "in.ipynb"))
-    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
-                               progress_bar=False, cwd=str(tmp_path))
-    outputs = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
+    outputs = run_code_cell(tmp_path, code)
     assert all("application/vnd.jupyter.widget-view+json" in o.data for o in outputs)  # live: still widgets
     return ["".join(o.data["text/plain"]) for o in outputs]
 

@@ -267,8 +267,7 @@ def test_log_lines_show_under_the_notebook_cell_once(tmp_path):
     logging alone would drop), once however often the setup runs; outside a kernel nothing is added."""
     import logging
 
-    import nbformat
-    import papermill
+    from conftest import run_code_cell
 
     from cxr_helpers.core.logs import show_in_notebook
 
@@ -278,12 +277,7 @@ def test_log_lines_show_under_the_notebook_cell_once(tmp_path):
     code = ("import logging\nfrom cxr_helpers.core.logs import show_in_notebook\nshow_in_notebook()\n"
             "show_in_notebook()\nlogging.getLogger('cxr_helpers.training.stage').info('train: a diagnostic')\n"
             "logging.getLogger('cxr_helpers.data').warning('a warning')")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)], metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(nb, str(tmp_path / "in.ipynb"))
-    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
-                               progress_bar=False, cwd=str(tmp_path))
-    outputs = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4).cells[0].outputs
+    outputs = run_code_cell(tmp_path, code)
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert text == "train: a diagnostic\nwarning: a warning\n"
 
