@@ -271,6 +271,8 @@ def test_log_lines_show_under_the_notebook_cell_once(tmp_path):
 
     from cxr_helpers.core.logs import show_in_notebook
 
+    import ipykernel  # noqa: F401  (papermill's process imports it too: importing it is not being a kernel)
+
     before = list(logging.getLogger("cxr_helpers").handlers)
     show_in_notebook()  # not in a kernel here
     assert logging.getLogger("cxr_helpers").handlers == before

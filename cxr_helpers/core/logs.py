@@ -48,9 +48,17 @@ def show_in_notebook() -> None:
     """In a Jupyter kernel, the package's INFO lines print under the running cell, as the
     stages' messages always did (without a handler, logging would show only warnings). Once per
     kernel: a second call adds nothing."""
-    if "ipykernel" not in sys.modules:
+    if not _in_a_kernel():
         return
     logger = logging.getLogger(PACKAGE_LOGGER)
     if not any(h.get_name() == "cxr-lines" for h in logger.handlers):
         logger.addHandler(_line_handler(sys.stdout))  # ipykernel's stdout writes under the running cell
         logger.setLevel(logging.INFO)
+
+
+def _in_a_kernel() -> bool:
+    """Whether this process is a Jupyter kernel's (not one that merely imported ipykernel, as
+    papermill's own process does with ipykernel 6)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
