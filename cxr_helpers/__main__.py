@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -222,9 +223,36 @@ _USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, er
 
 
 def main(argv: list[str] | None = None) -> int:
+    text_streams()
+    try:
+        argv = utf8_arguments(sys.argv[1:] if argv is None else argv)
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     with lines_to(sys.stderr):  # the package's diagnostics, while the command runs
         return _run(args)
+
+
+def text_streams() -> None:
+    """Under an ASCII locale (LANG=C, UTF-8 mode off) a prompt's or a message's non-ASCII letters
+    are printed escaped, not a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def utf8_arguments(argv: list[str]) -> list[str]:
+    """The arguments as the UTF-8 text they are: under an ASCII locale Python hands non-ASCII
+    bytes over as lone surrogates, which no file or tokenizer takes."""
+    fixed = []
+    for arg in argv:
+        try:
+            fixed.append(os.fsencode(arg).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CxrError(f"the argument {arg.encode('utf-8', 'backslashreplace').decode('ascii')} is not UTF-8 "
+                           "text; type it in UTF-8 (or set LANG=C.UTF-8)") from None
+    return fixed
 
 
 def _run(args: argparse.Namespace) -> int:

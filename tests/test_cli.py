@@ -176,7 +176,7 @@ BAD_INPUTS = [
     (["prepare", "--data-dir", "BAD/uid15_data", "--tokenizer", "TINY", "--out", "NEW"], "non-integer uid '1.5'"),
     (["prepare", "--data-dir", "BAD/binary_data", "--tokenizer", "TINY", "--out", "NEW"], "indiana_reports.csv"),
     (["prepare", "--data-dir", "BAD/empty", "--tokenizer", "TINY", "--out", "NEW"], "has no indiana_reports.csv"),
-    (_prepare()[:-1] + ["BAD/a_file/out"], "could not write"),
+    (_prepare()[:-1] + ["BAD/a_file/out"], "cannot write to"),
     # synth
     (["synth", "--out", "NEW", "--image-size", "10"], "--image-size must be at least 64"),
     (["synth", "--out", "NEW", "--broken-images", "-1"], "--broken-images must be at least 0"),
@@ -204,7 +204,7 @@ BAD_INPUTS = [
     (_train("--out", "GOOD/train", "--resume", "latest", "--learning-rate", "0.5"), "different learning_rate"),
     (_train("--out", "GOOD/train", "--resume", "EDITED"), "state.json says step"),
     (_train("--out", "GOOD/train", "--resume", "TRUNCATED"), "lora.safetensors is not the file the run saved"),
-    (_train("--out", "BAD/a_file"), "cannot write to"),
+    (_train("--out", "BAD/a_file"), "is a file, not a folder"),
     # sample
     (_sample("--out", "NEW", "--prompts", "GOOD/prompts.txt", "--lora-scale", "nan"),
      "--lora-scale must be a finite number"),

@@ -161,11 +161,13 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     # Given but wrong: an error, not a silent skip.
     other = tmp_path / "other.safetensors"
     save_file({"features.conv0.weight": torch.zeros(1)}, str(other))
-    for weights, message in [(other, "is not a state dict of torchxrayvision's DenseNet-121"),
-                             (tmp_path / "no-such-folder", "does not exist"),
-                             (tmp_path, f"{features.XRV_WEIGHTS_FILE} are not in")]:
+    for i, (weights, message) in enumerate([(other, "is not a state dict of torchxrayvision's DenseNet-121"),
+                                            (tmp_path / "no-such-folder", "does not exist"),
+                                            (tmp_path, f"{features.XRV_WEIGHTS_FILE} are not in")]):
+        # A fresh --out each: the first evaluation's folder would refuse other weights as other settings.
         with pytest.raises(CxrError, match=message):
-            ev.evaluate(stage_config(EvalConfig, **base, xrv_weights=str(weights)), progress=False)
+            ev.evaluate(stage_config(EvalConfig, **{**base, "out": str(tmp_path / f"eval-{i}")},
+                                     xrv_weights=str(weights)), progress=False)
 
 
 class _Payload:

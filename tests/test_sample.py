@@ -68,14 +68,19 @@ def test_resume_skips_what_is_there_and_metadata_is_complete(pipe, tiny_model_di
         sample(cfg(tiny_model_dir, lora_dir, tmp_path, steps=5, upscale=128), pipe=pipe, progress=False)
 
 
+def written(folder):
+    """A folder's files by name, but the lock file (which stays with the folder)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".cxr.lock"}
+
+
 def test_a_sample_folder_has_one_owner(pipe, tiny_model_dir, lora_dir, tmp_path):
     out = tmp_path / "s"
     sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Cardiomegaly."]), pipe=pipe, progress=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = written(out)
     # Other prompts into the same folder: refused, nothing touched (no old image relabelled).
     with pytest.raises(CxrError, match="other prompts.*--overwrite"):
         sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Large right pneumothorax."]), pipe=pipe, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert written(out) == before
     # A more prompts-limited rerun of the same prompts continues.
     assert sample(cfg(tiny_model_dir, lora_dir, out, prompts=["Cardiomegaly."]), pipe=pipe, progress=False).skipped == 1
     # --overwrite: the old content is moved aside first, never mixed.
@@ -83,7 +88,7 @@ def test_a_sample_folder_has_one_owner(pipe, tiny_model_dir, lora_dir, tmp_path)
                     pipe=pipe, progress=False)
     assert result.generated == 1 and result.metadata["prompt"].tolist() == ["Large right pneumothorax."]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("s.replaced-")]
-    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir() if p.is_file()} == before
+    assert len(aside) == 1 and written(aside[0]) == before
     assert sorted(p.name for p in out.glob("*.png")) == result.metadata["file"].tolist()
     # A folder of someone else's files (a foreign metadata.csv) is not written into.
     foreign = tmp_path / "foreign"

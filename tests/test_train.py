@@ -328,10 +328,11 @@ def test_resume_checks_the_checkpoint_and_the_inputs(pairs_csv, synth_dir, tiny_
                      keep_checkpoints=3, validation_prompts=(), resume="latest"), progress=False)
     # The intact checkpoint resumes.
     assert resume(resume="latest").loss["step"].tolist() == [1, 2, 3]
-    # A base model regenerated at the same path: refused.
+    # A base model regenerated at the same path (other weights, the same file names): refused.
+    from safetensors.torch import load_file, save_file
+
     unet_file = next((model / "unet").glob("*.safetensors"))
-    unet_file.write_bytes(unet_file.read_bytes())
-    os.utime(unet_file, ns=(unet_file.stat().st_atime_ns, unet_file.stat().st_mtime_ns + 10**9))
+    save_file({k: v + 1e-3 for k, v in load_file(str(unet_file)).items()}, str(unet_file))
     with pytest.raises(CxrError, match="other base model files"):
         resume(resume="latest")
 

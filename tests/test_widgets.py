@@ -59,6 +59,9 @@ def test_mistakes_show_in_the_panel_and_keep_the_last_images(panel):
     panel.strict.value = True
     assert (panel.generate() is first and "over the 77 limit" in panel.status.value
             and "cxr-status-error" in panel.status.value)
+    panel.prompt.value = "Cardiomegaly. " * 1000  # a file pasted in: said, never tokenized or generated
+    assert panel.generate() is first and "14,000 bytes, over the 4,096-byte bound" in panel.status.value
+    assert "over the 4,096-byte bound" in panel.tokens.value
     assert panel.images is first and not panel.button.disabled
 
 

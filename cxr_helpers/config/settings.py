@@ -28,17 +28,19 @@ VOLATILE = "volatile"  # where the output goes, whether it may replace or resume
 def setting(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,
             max: float | None = None, above: float | None = None, below: float | None = None,
             choices: tuple | None = None, multiple_of: int | None = None, why: str = "",
-            flag: str = "", role: str = SHAPES, when: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+            flag: str = "", role: str = SHAPES, when: str = "", path: bool = False,
+            default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its help and range: min/max inclusive, above/below exclusive.
 
     flag: a command-line name other than the field's (kept where the flag predates the field).
     role: SHAPES, RUN or VOLATILE, what the setting is to the stage's output.
-    when: the boolean setting without which this one does nothing (then it shapes nothing)."""
+    when: the boolean setting without which this one does nothing (then it shapes nothing).
+    path: a file or folder (or a hub id): it shapes the output by its content, not by its name."""
     rules = {k: v for k, v in dict(min=min, max=max, above=above, below=below, choices=choices,
                                    multiple_of=multiple_of).items() if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={"rules": rules, "why": why, "help": help, "flag": flag, "role": role,
-                                       "when": when})
+                                       "when": when, "path": path})
 
 
 def flag_name(name: str) -> str:

@@ -79,9 +79,11 @@ class PrepareConfig(Checked):
     """`prepare`: Kaggle CSVs + PNGs -> pairs.csv, excluded.csv, summary.json."""
 
     STAGE: ClassVar[str] = "prepare"
-    data_dir: str = setting("", help="dataset folder in the Kaggle layout; \"\" = the Kaggle mount when on Kaggle")
+    data_dir: str = setting("", path=True,
+                            help="dataset folder in the Kaggle layout; \"\" = the Kaggle mount when on Kaggle")
     out: str = setting("data", role=VOLATILE, help="output folder")
-    tokenizer: str = setting(SD15_MODEL_ID, help="hub id or local dir of a diffusers model (or a tokenizer dir)")
+    tokenizer: str = setting(SD15_MODEL_ID, path=True,
+                             help="hub id or local dir of a diffusers model (or a tokenizer dir)")
     split: str = setting("patient", choices=("patient", "image"), why="patient: no leak; image: the seed's",
                          help="patient: grouped by uid (no leak); image: the seed's random split")
     test_fraction: float = setting(0.2, above=0.0, below=1.0, help="share of pairs in the test split")
@@ -92,6 +94,7 @@ class PrepareConfig(Checked):
     max_tokens: int = setting(CLIP_MAX_TOKENS, min=3, why="start, one word, end",
                               help="keep prompts of at most this many CLIP tokens, start and end included")
     workers: int = setting(8, min=1, role=RUN, help="threads for the image header checks (I/O bound)")
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet's attention projections
@@ -102,9 +105,9 @@ class TrainConfig(Checked):
     """`train`: LoRA on the UNet, VAE and text encoder frozen, on cached latents and embeddings."""
 
     STAGE: ClassVar[str] = "train"
-    pairs: str = setting("", role=RUN, help="pairs.csv from prepare (its train split is used)")
-    data_dir: str = setting("", role=RUN, help=DATA_DIR_HELP)
-    model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
+    pairs: str = setting("", role=RUN, path=True, help="pairs.csv from prepare (its train split is used)")
+    data_dir: str = setting("", role=RUN, path=True, help=DATA_DIR_HELP)
+    model: str = setting(SD15_MODEL_ID, path=True, help=MODEL_HELP)
     out: str = setting("train", role=VOLATILE, help="output folder: lora/, loss.csv, checkpoints/, figures/")
     cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": latents, text embeddings, resized images")
     resolution: int = setting(128, multiple_of=VAE_FACTOR, why=VAE_WHY, help="training image size in px")
@@ -154,12 +157,12 @@ class SampleConfig(Checked):
     """`sample`: prompts -> PNGs + metadata.csv, seeded and batched, base model + LoRA."""
 
     STAGE: ClassVar[str] = "sample"
-    model: str = setting(SD15_MODEL_ID, help=MODEL_HELP)
-    lora: str = setting("", help="a LoRA folder (train's OUT/lora); \"\" = the base model alone")
+    model: str = setting(SD15_MODEL_ID, path=True, help=MODEL_HELP)
+    lora: str = setting("", path=True, help="a LoRA folder (train's OUT/lora); \"\" = the base model alone")
     out: str = setting("samples", role=VOLATILE, help="output folder")
     # The flag kept its older name: --prompts is the file; the prompts themselves are --prompt.
     prompts_file: str = setting("", flag="prompts", role=RUN, help="text file, one prompt per line")
-    pairs: str = setting("", role=RUN, help="or: pairs.csv, the prompts of --split (one per pair)")
+    pairs: str = setting("", role=RUN, path=True, help="or: pairs.csv, the prompts of --split (one per pair)")
     split: str = setting("test", choices=PAIRS_SPLITS, role=RUN, help="which split of --pairs")
     n_per_prompt: int = setting(1, min=1, role=RUN, help="images per prompt (seeds SEED, SEED+1, ...)")
     steps: int = setting(20, min=1, help="sampler steps")
@@ -184,8 +187,8 @@ class SynthesizeConfig(Checked):
 
     STAGE: ClassVar[str] = "synthesize"
     spec: str = setting("", role=RUN, help="JSON: items of {prompt, count} or {label, templates, count}")
-    model: str | None = setting(None, help=MODEL_HELP + "; none = the spec's (else SD1.5)")
-    lora: str | None = setting(None, help="a LoRA folder; none = the spec's, \"\" = the base model alone")
+    model: str | None = setting(None, path=True, help=MODEL_HELP + "; none = the spec's (else SD1.5)")
+    lora: str | None = setting(None, path=True, help="a LoRA folder; none = the spec's, \"\" = the base model alone")
     batch_size: int = setting(8, min=1, role=RUN, help="images per pipeline call")
     out: str = setting("synthesized", role=VOLATILE, help="output folder")
     overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
@@ -196,10 +199,10 @@ class EvalConfig(Checked):
     """`evaluate`: real test images vs generated sets -> metrics.json / metrics.csv, audit, figures."""
 
     STAGE: ClassVar[str] = "evaluate"
-    pairs: str = setting("", help="pairs.csv: its test split is the real set, its train split the floor and "
+    pairs: str = setting("", path=True, help="pairs.csv: its test split is the real set, its train split the floor and "
                          "the audit's reference")
-    data_dir: str = setting("", help=DATA_DIR_HELP)
-    generated: tuple[str, ...] = setting((), help="sample folders (with metadata.csv): DIR or NAME=DIR, "
+    data_dir: str = setting("", path=True, help=DATA_DIR_HELP)
+    generated: tuple[str, ...] = setting((), path=True, help="sample folders (with metadata.csv): DIR or NAME=DIR, "
                                          "e.g. base=OUT/base fine-tuned=OUT/tuned")
     out: str = setting("eval", role=VOLATILE,
                        help="output folder: metrics.json, metrics.csv, audit.csv, diversity.csv, figures/")
@@ -208,10 +211,10 @@ class EvalConfig(Checked):
     feature_net: str = setting("inception", choices=("inception", "standin"),
                                help="inception: torch-fidelity's FID network; "
                                "standin: a labelled offline stand-in, for tests")
-    feature_weights: str = setting("", help="local file of the Inception FID weights "
+    feature_weights: str = setting("", path=True, help="local file of the Inception FID weights "
                                    "(weights-inception-2015-12-05-6726825d.pth), when offline")
-    xrv_weights: str = setting("", help="torchxrayvision's densenet121-res224-all: a .safetensors file, or a folder "
-                               "holding its release file; \"\" = its cache, else its download")
+    xrv_weights: str = setting("", path=True, help="torchxrayvision's densenet121-res224-all: a .safetensors "
+                               "file, or a folder holding its release file; \"\" = its cache, else its download")
     n: int | None = setting(None, min=2, help="at most N images per set (the same N for every set compared)")
     real_floor: bool = setting(True, help="also score real train images against the real test images (the floor)")
     interval_groups: int = setting(20, min=0, help="jackknife groups per set for FID's 95% interval (0 = none)")
@@ -236,6 +239,7 @@ class EvalConfig(Checked):
     cache_dir: str = setting("", role=VOLATILE, help=CACHE_HELP + ": real-image features, resized images")
     seed: int = setting(0, min=0, help="random seed of subsets and jackknife groups")
     batch_size: int = setting(32, min=1, role=RUN, help="images per feature-network call")
+    overwrite: bool = setting(False, role=VOLATILE, help=OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, (tuple, list)):  # "fid,kid" and "fid kid" alike: users write either
@@ -266,15 +270,21 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def output_identity(cfg: Any, finished: bool = False) -> dict[str, Any]:
+def output_identity(cfg: Any, finished: bool = False, paths: bool = True) -> dict[str, Any]:
     """The settings that shape a stage's output, as each one's declaration says (its role and
-    `when`): what an ownership record and a resume compare. finished: also the RUN settings,
-    which a rerun may change as it continues the output, but a finished output is reused only
-    when asked for as it was made."""
+    `when`): what an ownership record and a resume compare. A path by its content (the same files
+    by a relative or an absolute path are the same); paths=False leaves the paths out, for a
+    caller that compares their contents itself (train: the pairs' and the model files' digests).
+    finished: also the RUN settings, which a rerun may change as it continues the output, but a
+    finished output is reused only when asked for as it was made."""
+    from ..core.ownership import path_identity
+
     roles = (SHAPES, RUN) if finished else (SHAPES,)
     values = config_to_dict(cfg)
-    return {f.name: values[f.name] for f in dataclasses.fields(cfg)
-            if f.metadata.get("role", SHAPES) in roles and (not f.metadata.get("when") or values[f.metadata["when"]])}
+    return {f.name: path_identity(values[f.name]) if f.metadata.get("path") else values[f.name]
+            for f in dataclasses.fields(cfg)
+            if f.metadata.get("role", SHAPES) in roles and (not f.metadata.get("when") or values[f.metadata["when"]])
+            and (paths or not f.metadata.get("path"))}
 
 
 def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:

@@ -8,7 +8,7 @@ _WHERE = {
     **dict.fromkeys(['atomic_path', 'write_text', 'write_json', 'read_json', 'read_user_json', 'write_csv',
                      'save_figure'], 'files'),
     **dict.fromkeys(['on_kaggle', 'is_main_process', 'offline', 'cache_root', 'library_versions'], 'environment'),
-    **dict.fromkeys(['claim', 'read_owner', 'folder_lock', 'file_digest'], 'ownership'),
+    **dict.fromkeys(['claim', 'owned', 'read_owner', 'folder_lock', 'file_digest'], 'ownership'),
 }
 __all__ = list(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike, names: tuple[str, ...]) -> Iterator[Path]:
+    """A folder beside `folder`'s outputs to write a run's `names` into; when the block ends well
+    they replace the earlier run's together (any named one this run did not make is removed, so
+    no file of an earlier run is left beside the new ones); when it fails, the earlier outputs
+    stay whole and the partial ones are removed. The caller holds the folder's lock."""
+    from .layout import STAGING_DIR
+
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)  # what a run killed mid-write left
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name in names:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        if (staging / name).exists():
+            os.replace(staging / name, target)
+    shutil.rmtree(staging)
+
+
 def give_umask_modes(folder: str | os.PathLike) -> None:
     """Files a library wrote into `folder` get the umask's mode (safetensors writes 0600)."""
     for file in Path(folder).rglob("*"):
@@ -67,13 +97,25 @@ def read_user_json(path: str | os.PathLike, what: str, missing_hint: str) -> Any
     """A JSON file the user wrote, or one sentence saying what is wrong with it."""
     from .errors import CxrError
 
+    from .bounds import MAX_JSON_BYTES, MAX_JSON_DEPTH, check_file_size, json_depth
+
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"{what} {path} does not exist; {missing_hint}")
+    check_file_size(path, MAX_JSON_BYTES, what)
+    too_deep = (f"{what} {path} nests lists or objects more than {MAX_JSON_DEPTH} deep; "
+                "write it flat, as its documentation shows")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CxrError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix it") from None
+    except UnicodeDecodeError as exc:
+        raise CxrError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except RecursionError:  # nested past the parser's own limit: deeper than MAX_JSON_DEPTH
+        raise CxrError(too_deep) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise CxrError(too_deep)
+    return value
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection: a prompt

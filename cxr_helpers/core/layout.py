@@ -67,6 +67,7 @@ CHECKPOINT_OPTIMIZER = "optimizer.safetensors"  # the optimizer's tensors ...
 CHECKPOINT_OPTIMIZER_JSON = "optimizer.json"  # ... and its param groups and scalars
 CHECKPOINT_STATE_JSON = "state.json"  # the step, the LR schedule, the run's checks; written last
 LOSS_CURVE_PNG = "loss_curve.png"  # in figures/
+STAGING_DIR = ".writing"  # OUT/.writing: a run's outputs until it has made them all (core.files.staged_outputs)
 CACHE_DIR = "cache"  # a stage's cache in its OUT, off Kaggle (core.environment.cache_root)
 
 

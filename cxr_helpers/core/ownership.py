@@ -40,19 +40,66 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer")) -> str:
-    """A hub id as is; a local diffusers folder by its weight files' names, sizes and mtimes (a
-    model regenerated at the same path gets another fingerprint; hashing GBs would be slow)."""
+# Above this size a file is fingerprinted by its size and 16 sampled 1 MiB blocks, not read whole:
+# SD1.5's UNet is 3.4 GB, and a rerun should not hash it; any retrained or regenerated weights
+# differ in every block, so a sample is enough to tell two models apart.
+WHOLE_FILE_BYTES = 64 << 20
+SAMPLED_BLOCKS = 16
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """A file's fingerprint by its bytes, wherever it lies (the same file copied or named by
+    another path gets the same digest): sha256 of the whole file, or of its size and sampled
+    blocks above WHOLE_FILE_BYTES."""
+    size = os.path.getsize(path)
+    if size <= WHOLE_FILE_BYTES:
+        return file_digest(path)
+    h = hashlib.sha256(f"{size}:".encode())
+    with open(path, "rb") as handle:
+        for k in range(SAMPLED_BLOCKS):
+            handle.seek((size - (1 << 20)) * k // (SAMPLED_BLOCKS - 1))
+            h.update(handle.read(1 << 20))
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | os.PathLike, parts: tuple[str, ...] = ("",), pattern: str = "*") -> str:
+    """A folder's fingerprint by the names and contents of its files in `parts` (subfolders;
+    "" = the folder itself), not by where it lies."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for sub in parts:
+        for f in sorted((folder / sub).glob(pattern)):
+            if f.is_file() and f.name not in (OWNER_FILE, LOCK_FILE):
+                h.update(f"{sub}/{f.name}:{content_digest(f)}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def model_fingerprint(model: str, parts: tuple[str, ...] = ("", "unet", "vae", "text_encoder", "tokenizer")) -> str:
+    """A hub id as is; a local diffusers folder by its files' contents (the same model by a
+    relative or an absolute path is the same; a model regenerated at the same path is not)."""
     path = Path(model).expanduser()
     if not path.is_dir():
         return model
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for sub in parts:
-        for f in sorted((path / sub).glob("*")):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+    return folder_digest(path, parts)
+
+
+def path_identity(value: Any) -> Any:
+    """A path setting as an output's identity holds it: an existing file or folder by its content
+    (a relative and an absolute path to the same files are the same), a NAME=DIR item of a list
+    the same way, anything else (a hub id, "", None) as it is."""
+    if isinstance(value, (list, tuple)):
+        return [path_identity(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    name, sep, rest = value.partition("=")
+    if sep and not Path(value).expanduser().exists() and Path(rest).expanduser().exists():
+        return f"{name}={path_identity(rest)}"
+    path = Path(value).expanduser()
+    if path.is_file():
+        return "file:" + content_digest(path)[:20]
+    if path.is_dir():
+        return "folder:" + model_fingerprint(value)
+    return value
 
 
 def text_digest(texts) -> str:
@@ -87,35 +134,56 @@ def claim(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool
     place when the old content is moved aside (a content-keyed cache that stays valid).
     """
     folder = Path(folder)
+    identity = _normal(identity)
+    verdict = _verdict(folder, stage, identity, ignore)
+    if verdict == "same":
+        return "same"
+    if verdict != "new":
+        if not overwrite:
+            raise CxrError(f"{verdict}; use another --out, or pass --overwrite to move the old content aside")
+        moved = move_aside(folder, keep)
+        log.info("--overwrite: moved the old content of %s to %s", folder, moved)
+    _write(folder, stage, identity)
+    return "new"
+
+
+@contextlib.contextmanager
+def owned(folder: str | os.PathLike, stage: str, identity: dict, overwrite: bool = False,
+          ignore: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Iterator[str]:
+    """The folder is this run's for the block: its lock (a second run is refused at once) and its
+    owner record (`claim`). A folder that would be refused is refused before the lock file is
+    made, so a foreign folder gets nothing written into it."""
+    folder = Path(folder)
+    if not overwrite:
+        verdict = _verdict(folder, stage, _normal(identity), ignore)
+        if verdict not in ("same", "new"):
+            raise CxrError(f"{verdict}; use another --out, or pass --overwrite to move the old content aside")
+    with folder_lock(folder, f"{stage} run"):
+        yield claim(folder, stage, identity, overwrite, ignore, keep)
+
+
+def _verdict(folder: Path, stage: str, identity: dict, ignore: tuple[str, ...]) -> str:
+    """"same", "new", or the sentence saying why `folder` is not this run's (nothing written)."""
     if folder.exists() and not folder.is_dir():
         raise CxrError(f"--out {folder} is a file, not a folder; pass a folder path")
     refuse_links_inside(folder)
-    identity = _normal(identity)
     record = read_owner(folder) if folder.is_dir() else None
     entries = sorted(p.name for p in folder.iterdir() if p.name not in (OWNER_FILE, LOCK_FILE, *ignore)) \
         if folder.is_dir() else []
     if record is not None and record["stage"] == stage and record["identity"] == identity:
         return "same"
     if not entries:  # a record alone (a run that failed before writing anything) owns nothing
-        _write(folder, stage, identity)
         return "new"
     if record is None:
-        problem = (f"{folder} already holds files that no cxr-lora {stage} run made "
-                   f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
-    elif record["stage"] != stage:
-        problem = f"{folder} holds the output of a {record['stage']} run, not of {stage}"
-    else:
-        old = record["identity"]
-        differ = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-        problem = (f"{folder} holds {stage} output made with other {', '.join(differ)} ("
-                   + "; ".join(f"{k}: {_short(old.get(k))} there, {_short(identity.get(k))} now" for k in differ[:3])
-                   + ")")
-    if not overwrite:
-        raise CxrError(f"{problem}; use another --out, or pass --overwrite to move the old content aside")
-    moved = move_aside(folder, keep)
-    log.info("--overwrite: moved the old content of %s to %s", folder, moved)
-    _write(folder, stage, identity)
-    return "new"
+        return (f"{folder} already holds files that no cxr-lora {stage} run made "
+                f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    if record["stage"] != stage:
+        return f"{folder} holds the output of a {record['stage']} run, not of {stage}"
+    old = record["identity"]
+    differ = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+    return (f"{folder} holds {stage} output made with other {', '.join(differ)} ("
+            + "; ".join(f"{k}: {_short(old.get(k))} there, {_short(identity.get(k))} now" for k in differ[:3])
+            + ")")
 
 
 def refuse_links_inside(folder: str | os.PathLike) -> None:
@@ -170,6 +238,9 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """An exclusive lock on `folder` for this process's lifetime in the block (flock: released
     by the kernel when the process dies, so a killed run leaves no stale lock)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CxrError(f"--out {folder} is a file, not a folder; pass a folder path")
+    refuse_links_inside(folder)  # the lock file too: never opened through a link
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK_FILE, "a+")

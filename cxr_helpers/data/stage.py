@@ -9,24 +9,26 @@ one of pairs.csv (kept) or excluded.csv (with its reason).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..config.stages import PrepareConfig, save_config
+from ..config.stages import PrepareConfig, output_identity, save_config
 from ..core.errors import CxrError
 from .image_cache import inspect_images
 from ..core.files import write_csv, write_json
+from ..core.ownership import owned
 from ..core.layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, PAIRS_COLUMNS, PAIRS_CSV, PAIRS_SPLITS, PREPARE_CONFIG_JSON,
                            PROJECTION_COLUMNS_NEEDED, SUMMARY_JSON, contained_image_path)
 from .prompts import clean_prompt, collapse_whitespace, count_tokens
 from .tables import read_tables, resolve_data_dir
 from ..models.tokenizer import load_tokenizer
 
+IMAGE_PROBLEMS = ("missing_image", "unreadable_image", "oversized_image")  # image_cache.inspect_image's
 EXCLUSION_REASONS = ("duplicate_row", "no_report", "other_projection", "empty_impression", "too_long",
-                     "outside_data_dir", "missing_image", "unreadable_image")
+                     "outside_data_dir", *IMAGE_PROBLEMS)
 PROJECTIONS = {"both": ("Frontal", "Lateral"), "frontal": ("Frontal",), "lateral": ("Lateral",)}
 
 
@@ -87,26 +89,34 @@ class PrepareResult:
 def prepare(cfg: PrepareConfig, tokenizer=None, progress: bool = True) -> PrepareResult:
     """Run the data stage and write pairs.csv, excluded.csv, summary.json and the config."""
     data_dir = resolve_data_dir(cfg.data_dir)
-    reports, projections = read_tables(data_dir)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    images = _listed_images(projections, cfg.limit)
-    # A uid with several report rows: the first row in the file is the report (counted in the summary).
-    duplicate_reports = int(reports.duplicated("uid").sum())
-    reports = reports.drop_duplicates("uid", keep="first")
-    table = _with_prompts(images, reports, cfg, tokenizer)
-    problem = _exclude(table, data_dir, cfg, progress)
-    pairs = _split_kept(table, cfg)
-    excluded = table[table["reason"] != ""][list(EXCLUDED_COLUMNS)].reset_index(drop=True)
-
-    summary = summarize(pairs, excluded, table, reports, problem, cfg)
-    summary["duplicate_report_rows"] = duplicate_reports
     out = Path(cfg.out)
-    write_csv(out / PAIRS_CSV, pairs)
-    write_csv(out / EXCLUDED_CSV, excluded)
-    write_json(out / SUMMARY_JSON, summary)
-    save_config(cfg, out / PREPARE_CONFIG_JSON, data_dir=str(data_dir))
+    # Checked before any work: OUT holds this prepare's output or nothing (a second prepare into
+    # it at the same time is refused; other settings' pairs.csv is refused or, --overwrite, moved aside).
+    with owned(out, "prepare", prepare_identity(cfg, data_dir), cfg.overwrite):
+        reports, projections = read_tables(data_dir)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        images = _listed_images(projections, cfg.limit)
+        # A uid with several report rows: the first row in the file is the report (counted in the summary).
+        duplicate_reports = int(reports.duplicated("uid").sum())
+        reports = reports.drop_duplicates("uid", keep="first")
+        table = _with_prompts(images, reports, cfg, tokenizer)
+        problem = _exclude(table, data_dir, cfg, progress)
+        pairs = _split_kept(table, cfg)
+        excluded = table[table["reason"] != ""][list(EXCLUDED_COLUMNS)].reset_index(drop=True)
+
+        summary = summarize(pairs, excluded, table, reports, problem, cfg)
+        summary["duplicate_report_rows"] = duplicate_reports
+        write_csv(out / PAIRS_CSV, pairs)
+        write_csv(out / EXCLUDED_CSV, excluded)
+        write_json(out / SUMMARY_JSON, summary)
+        save_config(cfg, out / PREPARE_CONFIG_JSON, data_dir=str(data_dir))
     return PrepareResult(pairs, excluded, summary, out)
+
+
+def prepare_identity(cfg: PrepareConfig, data_dir: Path) -> dict:
+    """What pairs.csv is made from: the settings, the dataset's tables and the tokenizer by content."""
+    return output_identity(replace(cfg, data_dir=str(data_dir)))
 
 
 def _listed_images(projections: pd.DataFrame, limit: int | None) -> pd.DataFrame:
@@ -183,7 +193,7 @@ def summarize(pairs, excluded, table, reports, problem, cfg: PrepareConfig) -> d
         "excluded": int(len(excluded)),
         "excluded_by_reason": {r: int(reasons.get(r, 0)) for r in EXCLUSION_REASONS},
         # Image problems among all listed files, including those excluded for their text first.
-        "image_problems_all_listed": {r: int((problem == r).sum()) for r in ("missing_image", "unreadable_image")},
+        "image_problems_all_listed": {r: int((problem == r).sum()) for r in IMAGE_PROBLEMS},
         "split": cfg.split,
         "test_fraction": cfg.test_fraction,
         "pairs_by_split": {s: int((pairs["split"] == s).sum()) for s in PAIRS_SPLITS},

@@ -194,11 +194,15 @@ def make_synthetic_dataset(cfg: SynthConfig, progress: bool = True) -> Path:
     """Write the dataset to `cfg.out`: indiana_reports.csv, indiana_projections.csv, the PNGs,
     plus synthetic_labels.csv (ground truth) and synth_config.json."""
     from ..config.stages import output_identity
-    from ..core.ownership import claim
+    from ..core.ownership import owned
 
     out = Path(cfg.out)
     # Never into a dataset it did not make (the real one, another seed's): its files would be replaced.
-    claim(out, "synth", output_identity(cfg), cfg.overwrite)
+    with owned(out, "synth", output_identity(cfg), cfg.overwrite):
+        return _write_synthetic_dataset(cfg, out, progress)
+
+
+def _write_synthetic_dataset(cfg: SynthConfig, out: Path, progress: bool) -> Path:
     image_dir = out / IMAGES_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
     reports, projections, labels = [], [], []

@@ -89,11 +89,16 @@ def make_tiny_model(cfg: TinyModelConfig, progress: bool = True) -> Path:
     random weights, or with `cfg.pretrain` a base trained on synthetic films (pretrain.py)."""
     from diffusers.utils import logging as df_logging
 
-    from ..core.ownership import claim
+    from ..core.ownership import owned
 
     df_logging.set_verbosity_error()
     out = Path(cfg.out)
-    claim(out, "tiny_model", output_identity(cfg), cfg.overwrite)  # never into a folder it did not make
+    # Never into a folder it did not make, and one run at a time (pretraining takes minutes).
+    with owned(out, "tiny_model", output_identity(cfg), cfg.overwrite):
+        return _write_tiny_model(cfg, out, progress)
+
+
+def _write_tiny_model(cfg: TinyModelConfig, out: Path, progress: bool) -> Path:
     pipe = build_tiny_pipeline(cfg.seed)
     pretraining = {}
     if cfg.pretrain:

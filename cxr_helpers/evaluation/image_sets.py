@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config.stages import EvalConfig
+from ..core.bounds import check_film_pixels
 from ..core.errors import CxrError
 from ..core.files import read_csv
 from ..core.layout import METADATA_CSV
@@ -80,6 +81,8 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     for row in meta.itertuples():
         try:
             with Image.open(folder / row.file) as im:
+                if not check_film_pixels(*im.size):
+                    raise ValueError("over the pixel bound")  # counted as unreadable, never decoded
                 im = im.convert("L")
                 if im.size != (resolution, resolution):
                     im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)

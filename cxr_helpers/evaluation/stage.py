@@ -13,7 +13,7 @@ the network, so re-evaluating embeds only the generated images (`embeddings`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,18 +22,21 @@ from torch import nn
 
 from . import adherence as adh
 from . import embeddings
-from ..config.stages import EvalConfig, config_to_dict
+from ..config.stages import EvalConfig, config_to_dict, output_identity
 from ..core.environment import cache_root, library_versions
 from ..core.errors import CxrError
-from ..core.files import write_csv, write_json
-from ..core.ownership import refuse_links_inside
-from ..core.layout import ADHERENCE_CSV, AUDIT_CSV, DIVERSITY_CSV, METRICS_CSV, METRICS_JSON
+from ..core.files import staged_outputs, write_csv, write_json
+from ..core.ownership import owned
+from ..core.layout import (ADHERENCE_CSV, AUDIT_CSV, DIVERSITY_CSV, FIGURES_DIR, METRICS_CSV, METRICS_JSON,
+                           STAGING_DIR)
 from .features import STANDIN_NAME, StandInFeatures, load_feature_net, load_xrv
 from .image_sets import REAL_TEST_SET, ImageSet, generated_set, parse_generated, pick, real_set, take
 from .inputs import Embedded, EvalInputs
 from .registry import DIVERSITY_COLUMNS, Measurements, measure
 
 FID_BIAS_N = 2048
+# What an evaluation writes into OUT (staged: they replace an earlier run's together).
+EVAL_OUTPUTS = (METRICS_CSV, METRICS_JSON, AUDIT_CSV, DIVERSITY_CSV, ADHERENCE_CSV, FIGURES_DIR)
 TABLE_COLUMNS = ["set", "metric", "value", "std", "ci_low", "ci_high", "n_real", "n_generated", "feature_network"]
 
 
@@ -59,8 +62,28 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     folders = parse_generated(cfg.generated)
     data_dir = resolve_data_dir(cfg.data_dir)
     out = Path(cfg.out)
-    refuse_links_inside(out)  # its figures/ and tables are written there, never through a link
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root(out)  # on Kaggle: outside the output
+    # OUT is this run's while it runs (one evaluation at a time; another one's output is refused or,
+    # with --overwrite, moved aside), but for its inputs inside it (notebook 04's samples/, the cache).
+    inside = (STAGING_DIR, *top_names_inside(out, [cache_dir, data_dir, *(path for _, path in folders)]))
+    identity = output_identity(replace(cfg, data_dir=str(data_dir)))  # every input by its content
+    with owned(out, "evaluate", identity, cfg.overwrite, ignore=inside, keep=inside):
+        return _evaluate(cfg, folders, data_dir, out, cache_dir, progress, feature_net)
+
+
+def top_names_inside(folder: Path, paths: list[Path]) -> list[str]:
+    """The names of `folder`'s entries that hold one of `paths` (an input kept inside an output)."""
+    names = []
+    for path in paths:
+        try:
+            names.append(Path(path).resolve().relative_to(folder.resolve()).parts[0])
+        except (ValueError, IndexError):  # outside the folder, or the folder itself
+            continue
+    return sorted(set(names))
+
+
+def _evaluate(cfg: EvalConfig, folders: list[tuple[str, Path]], data_dir: Path, out: Path, cache_dir: Path,
+              progress: bool, feature_net: nn.Module | None) -> EvalResult:
     generated = read_generated_sets(cfg, folders)
     real, train = read_real_sets(cfg, data_dir, cache_dir)
     notes = [f"{g.name}: {g.unreadable} unreadable image(s) skipped" for g in generated if g.unreadable]
@@ -82,10 +105,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     measured.notes = notes + measured.notes  # the stage's own first
     measured.cache_hits = hits + measured.cache_hits
     table = results_frame(measured.rows)
-    write_outputs(inputs, measured, table, out, n)
+    # Written beside OUT's files first, then moved in together: an earlier run's outputs are
+    # replaced, never left beside these (an audit.csv this run did not make is removed).
+    with staged_outputs(out, EVAL_OUTPUTS) as staging:
+        write_outputs(inputs, measured, table, staging, n)
+        figures = draw_figures(inputs, measured, table, staging / FIGURES_DIR)
     return EvalResult(out, table, measured.tables.get("audit", pd.DataFrame()), adherence_of(measured),
-                      diversity_of(measured), net.name, measured.notes, measured.cache_hits,
-                      draw_figures(inputs, measured, table, out / "figures"))
+                      diversity_of(measured), net.name, measured.notes, measured.cache_hits, figures)
 
 
 def read_generated_sets(cfg: EvalConfig, folders: list[tuple[str, Path]]) -> list[ImageSet]:

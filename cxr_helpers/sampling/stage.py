@@ -17,14 +17,15 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 from ..core.bars import tqdm
+from ..core.bounds import MAX_PROMPTS_FILE_BYTES, check_file_size, check_image_count, check_prompt_sizes
 
 from ..config.stages import CLIP_MAX_TOKENS, SampleConfig, output_identity
 from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..models.generation import check_lora_dir, generate, image_seed, load_sampling_pipeline
 from ..core.files import atomic_path, write_csv, write_json
-from ..core.layout import LORA_WEIGHTS, METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
-from ..core.ownership import claim
+from ..core.layout import METADATA_COLUMNS, METADATA_CSV, SAMPLE_CONFIG_JSON
+from ..core.ownership import owned
 
 
 def upscale_image(image: Image.Image, size: int) -> Image.Image:
@@ -45,6 +46,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise CxrError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+        check_file_size(path, MAX_PROMPTS_FILE_BYTES, "prompt file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
@@ -61,7 +63,10 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
             raise CxrError(f"{cfg.pairs} has no {cfg.split}-split pairs; pick another --split")
     else:
         raise CxrError("no prompts: pass --prompts FILE or --pairs PAIRS_CSV [--split test]")
-    return prompts[: cfg.limit] if cfg.limit else prompts
+    prompts = prompts[: cfg.limit] if cfg.limit else prompts
+    check_prompt_sizes(prompts, "sample")
+    check_image_count(len(prompts) * cfg.n_per_prompt, "sample")
+    return prompts
 
 
 def validate(cfg: SampleConfig) -> None:
@@ -72,22 +77,16 @@ def validate(cfg: SampleConfig) -> None:
 
 def sample_identity(cfg: SampleConfig) -> dict:
     """What the images in a sample folder depend on (not n_per_prompt or limit: image k of
-    prompt i is the same whatever they are)."""
+    prompt i is the same whatever they are); the model and LoRA by their files' contents."""
     from dataclasses import replace
 
     from ..core.ownership import text_digest
 
+    if cfg.lora:
+        check_lora_dir(cfg.lora)  # before the folder is claimed: a bad LoRA writes nothing
     identity = output_identity(cfg)  # the settings that change the pixels
     identity["prompts"] = text_digest(read_prompts(replace(cfg, limit=None)))
-    return {**identity, **weights_identity(cfg.model, cfg.lora)}
-
-
-def weights_identity(model: str, lora: str) -> dict:
-    """The images' weights by content: the base model's files and the LoRA's (a path names either)."""
-    from ..core.ownership import file_digest, model_fingerprint
-
-    return {"model_files": model_fingerprint(model),
-            "lora_weights": file_digest(check_lora_dir(lora) / LORA_WEIGHTS)[:20] if lora else ""}
+    return identity
 
 
 @dataclass
@@ -104,8 +103,13 @@ def sample(cfg: SampleConfig, pipe=None, progress: bool = True) -> SampleResult:
     prompts = read_prompts(cfg)
     out = Path(cfg.out)
     # The folder's owner: images already there are kept only when made from the same prompts
-    # (all of them, before --limit, so a larger --limit continues), model, LoRA and settings.
-    claim(out, "sample", sample_identity(cfg), cfg.overwrite)
+    # (all of them, before --limit, so a larger --limit continues), model, LoRA and settings;
+    # and one run at a time writes there.
+    with owned(out, "sample", sample_identity(cfg), cfg.overwrite):
+        return _sample_into(out, cfg, prompts, pipe, progress)
+
+
+def _sample_into(out: Path, cfg: SampleConfig, prompts: list[str], pipe, progress: bool) -> SampleResult:
     if pipe is None:
         pipe = load_sampling_pipeline(cfg.model, cfg.lora or None)
     counts = token_counts(pipe.tokenizer, prompts)

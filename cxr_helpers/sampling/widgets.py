@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config.stages import CLIP_MAX_TOKENS
+from ..core.bounds import MAX_PROMPT_BYTES
 from ..core.errors import CxrError
 
 OWN_PROMPT = "(your own prompt)"
@@ -91,7 +92,16 @@ class PromptPanel:
     def token_count(self) -> int:
         return len(self.pipe.tokenizer(self.prompt.value, truncation=False).input_ids)
 
+    def oversized(self) -> str:
+        """The sentence for a prompt past bounds.MAX_PROMPT_BYTES (a file pasted in), else ""."""
+        size = len(self.prompt.value.encode("utf-8", "surrogatepass"))
+        return (f"The prompt is {size:,} bytes, over the {MAX_PROMPT_BYTES:,}-byte bound (CLIP reads 77 tokens); "
+                "shorten it.") if size > MAX_PROMPT_BYTES else ""
+
     def _count(self, change=None) -> None:
+        if self.oversized():  # not tokenized: that alone would take minutes
+            self.tokens.value = f"<span style='color:#c44e52'>{self.oversized()}</span>"
+            return
         n = self.token_count()
         over = n > CLIP_MAX_TOKENS
         colour = "#c44e52" if over else "#555"
@@ -127,6 +137,9 @@ class PromptPanel:
         prompt = self.prompt.value.strip()
         if not prompt:
             self._say("Type a prompt (or pick a common one) first.")
+            return self.images
+        if self.oversized():
+            self._say(self.oversized())
             return self.images
         n_tokens = self.token_count()
         if self.strict.value and n_tokens > CLIP_MAX_TOKENS:

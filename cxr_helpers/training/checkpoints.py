@@ -196,7 +196,7 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, run_state: dict) -> dict:
         if file_digest(checkpoint / part) != digest:
             raise CxrError(f"{name}: {part} is not the file the run saved (truncated or edited); resume from "
                            "an earlier checkpoint or start again with --overwrite")
-    mine = output_identity(cfg)
+    mine = output_identity(cfg, paths=False)  # the paths: by content, in run_state
     differ = [k for k in mine if json.dumps(saved.get(k)) != json.dumps(mine[k])]
     if differ:
         raise CxrError(f"{name}: the checkpoint was trained with different "

@@ -53,7 +53,7 @@ def holds_finished_run(cfg: TrainConfig) -> bool:
         info = read_json(out / LORA_SUBDIR / LORA_CONFIG_JSON)
     except (OSError, ValueError):
         return False
-    wanted, made = output_identity(cfg, finished=True), info.get("config", {})
+    wanted, made = output_identity(cfg, finished=True, paths=False), info.get("config", {})
     same_settings = json.dumps({k: made.get(k) for k in wanted}, sort_keys=True) \
         == json.dumps(wanted, sort_keys=True, default=str)
     if not same_settings or not (out / LOSS_CSV).is_file():
@@ -108,7 +108,7 @@ def frozen_parts(model: str, device, weight_dtype):
 def claim_output(cfg: TrainConfig, out: Path, accelerator, resume_from: Path | None, run_state: dict) -> dict | None:
     """Before anything is written into OUT (main process): resume only a checkpoint of a run like
     this one; start fresh only where no other run is. Returns the checked checkpoint's state."""
-    identity = {**output_identity(cfg), **run_state}
+    identity = {**output_identity(cfg, paths=False), **run_state}
     state = None
     if accelerator.is_main_process:
         if resume_from is not None:
