@@ -171,3 +171,53 @@ def test_the_image_cache_remakes_every_damaged_entry_and_reads_intact_ones(pairs
     with caplog.at_level(logging.WARNING, logger=image_cache.__name__):
         assert all(np.array_equal(np.asarray(again.load_image(i)), e) for i, e in enumerate(expected))
     assert caplog.records == [] and len(decoded) == len(IMAGE_DAMAGE)
+
+
+# ---------------------------------------------------------------- two processes, one cache ---
+
+SHARED_CACHE_WORKER = """
+import hashlib, logging, sys
+import numpy as np, pandas as pd, torch
+from cxr_helpers.core.cache_entries import read_entry, write_entry
+from cxr_helpers.data.dataset import ChestXrayDataset
+
+logging.basicConfig(level=logging.WARNING, format="WARNING %(message)s")
+pairs_csv, data_dir, cache, entry, me = sys.argv[1:6]
+# The same resized films into the same image cache as the other process, at the same time ...
+dataset = ChestXrayDataset(pd.read_csv(pairs_csv), data_dir, 64, cache_dir=cache)
+dataset.warm_cache(workers=2, progress=False)
+pixels = hashlib.sha256(b"".join(np.asarray(dataset.load_image(i)).tobytes() for i in range(len(dataset))))
+# ... and one tensor entry written and read back in turns with it: each read is a whole entry.
+torn = 0
+for i in range(150):
+    write_entry(entry, {"x": torch.full((512, 64), float(int(me) * 1000 + i))}, "shared")
+    got = read_entry(entry, "shared", rows={"x": 512})
+    torn += got is None or got["x"].unique().numel() != 1
+print(pixels.hexdigest(), torn)
+"""
+
+
+def test_two_processes_sharing_a_cache_each_see_whole_entries(pairs_csv, synth_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pairs = tmp_path / "pairs.csv"
+    pd.read_csv(pairs_csv).head(40).to_csv(pairs, index=False)
+    cache, entry = tmp_path / "cache", tmp_path / "cache" / "shared.safetensors"
+    runs = [subprocess.Popen([sys.executable, "-c", SHARED_CACHE_WORKER, str(pairs), str(synth_dir), str(cache),
+                              str(entry), str(me)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}) for me in (1, 2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-2000:]
+        assert "WARNING" not in err, err  # no entry was ever seen half-written or foreign
+    digests, torn = zip(*(out.split() for out, _ in outputs), strict=True)
+    assert torn == ("0", "0") and digests[0] == digests[1]
+    # The control: a fresh cache in this process gives the same pixels, and the shared entries hold.
+    fresh = ChestXrayDataset(pd.read_csv(pairs), synth_dir, 64, cache_dir=None)
+    import hashlib
+
+    assert hashlib.sha256(b"".join(np.asarray(fresh.load_image(i)).tobytes()
+                                   for i in range(len(fresh)))).hexdigest() == digests[0]
+    assert cache_entries.read_entry(entry, "shared", rows={"x": 512}) is not None

@@ -47,15 +47,19 @@ def read_entry(path: str | os.PathLike, key: str, rows: dict[str, int] | None = 
     """The entry's tensors when it is whole and was made under `key` (and each tensor named in
     `rows` has that many rows); None when there is no entry, or, with a log line, when it cannot
     be trusted: the caller then recomputes it and writes it again."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        # The bytes are read once, from one open file: safe_open's tensors are read from the path
+        # again, so a second process renaming a new entry over it in between gave the old header
+        # with the new bytes (seen as a digest mismatch).
+        data = path.read_bytes()
+        metadata = _metadata(data)
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         return _distrust(path, f"unreadable ({exc.__class__.__name__})")
     if metadata.get(KEY_FIELD) != key:
@@ -67,6 +71,17 @@ def read_entry(path: str | os.PathLike, key: str, rows: dict[str, int] | None = 
     if wrong:
         return _distrust(path, f"the wrong size ({wrong[0]})")
     return tensors
+
+
+def _metadata(data: bytes) -> dict:
+    """The __metadata__ of a safetensors file's bytes: 8 bytes of header length, then the JSON header."""
+    import json
+
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > len(data) - 8:
+        raise ValueError("the header runs past the end of the file")
+    header = json.loads(data[8:8 + length])
+    return (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
 
 
 def _distrust(path: Path, why: str) -> None:
