@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from cxr_helpers.data import labels as report_labelling
+from cxr_helpers.data.impression_labels import finding_truth
 from cxr_helpers.evaluation import adherence as adh
 from cxr_helpers.evaluation import stage as ev
 from cxr_helpers.evaluation import image_sets
@@ -72,9 +73,11 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
                        generated=(f"copies={copies}", f"noise={noisy}"), feature_net="standin",
                        metrics=("adherence",), adherence_scorer="geometry", real_floor=False)
     result = ev.evaluate(cfg, progress=False)
-    table = result.adherence.set_index(["set", "finding"])
+    table = result.adherence[result.adherence["prompts"] == "all"].set_index(["set", "finding"])
     real = table.loc[(image_sets.REAL_TEST_SET, "Cardiomegaly")]
-    assert real["positives"] >= 10 and real["negatives"] >= 10 and real["images"] == len(images)
+    assert real["positives"] >= 10 and real["negatives"] >= 10 and real["images"] + real["uncertain"] == len(images)
+    assert (result.adherence["labels"] == adh.LABEL_DEFINITIONS["impression"]).all()
+    assert {"all", "unseen"} <= set(result.adherence["prompts"])  # seen/unseen: test_seen_and_unseen_prompts_apart
     assert real["auroc"] > 0.85 and real["ci_low"] > 0.7
     effusion = table.loc[(image_sets.REAL_TEST_SET, "Effusion")]
     assert effusion["positives"] >= 5 and effusion["auroc"] > 0.85
@@ -91,7 +94,29 @@ def test_geometry_oracle_sees_cardiomegaly_on_real_films_and_nothing_in_noise(la
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "value"] == pytest.approx(noise_row["auroc"])
     assert metrics.loc[("noise", "auroc_cardiomegaly"), "n_generated"] == len(images)
     assert (tmp_path / "eval" / "figures" / "adherence.png").stat().st_size > 1000
-    assert "Cardiomegaly" in ev.adherence_table(result.adherence).index
+    assert "Cardiomegaly" in ev.adherence_table(result.adherence).index.get_level_values("finding")
+
+
+def test_seen_and_unseen_prompts_apart():
+    """Rows over all images, then over the images of prompts seen word for word in training and
+    of the others: their counts add up, and each AUROC is its own subset's."""
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame({"Cardiomegaly": rng.random(200) < 0.3})
+    seen = rng.random(200) < 0.4
+    # Seen prompts' images follow their label (recall), unseen ones do not (chance).
+    scores = pd.DataFrame({"Cardiomegaly": rng.normal(size=200) + 3.0 * (truth["Cardiomegaly"] & seen)})
+    parts, _ = adh.by_prompt_group("tuned", scores, truth, seen, "oracle", 5, "impression")
+    table = pd.concat(parts).set_index("prompts")
+    assert list(table.index) == ["all", "seen", "unseen"]
+    assert table.loc["seen", "positives"] + table.loc["unseen", "positives"] == table.loc["all", "positives"]
+    assert table.loc["seen", "images"] + table.loc["unseen", "images"] == 200
+    assert table.loc["seen", "auroc"] > 0.9 and abs(table.loc["unseen", "auroc"] - 0.5) < 0.15
+    assert table.loc["seen", "auroc"] > table.loc["all", "auroc"] > table.loc["unseen", "auroc"]
+    # Uncertain labels leave their images out of that finding only.
+    truth_unsure = truth.astype("boolean")
+    truth_unsure.loc[:9, "Cardiomegaly"] = pd.NA
+    row = adh.adherence("tuned", scores, truth_unsure, "oracle", 5)[0].iloc[0]
+    assert row["images"] == 190 and row["uncertain"] == 10
 
 
 def test_adherence_skips_with_notes_naming_the_counts(larger, tmp_path):
@@ -101,16 +126,25 @@ def test_adherence_skips_with_notes_naming_the_counts(larger, tmp_path):
     cfg = stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth), out=str(tmp_path / "eval"),
                        generated=(f"few={few}", f"unknown={unknown}"), feature_net="standin",
                        metrics=("adherence",), adherence_scorer="geometry", real_floor=False,
-                       adherence_min_cases=len(images))
+                       adherence_min_cases=len(images), adherence_labels="mesh")
     result = ev.evaluate(cfg, progress=False)
     notes = " ".join(result.notes)
+    # MeSH labels come from reports: a prompt that is no report's impression has none.
     assert "adherence skipped for unknown: none of its 1 prompt(s)" in notes
     labels = report_labelling.prompt_labels(load_pairs(pairs_csv),
                                             report_labelling.report_labels(pd.read_csv(synth / "indiana_reports.csv")))
     positives = int(labels.loc[prompts, "Cardiomegaly"].sum())
-    assert (f"adherence: {image_sets.REAL_TEST_SET}: skipped for fewer than {len(images)} positive or negative images "
-            f"(positives+/negatives-): Cardiomegaly {positives}+/{len(images) - positives}-") in notes
+    assert (f"adherence: {image_sets.REAL_TEST_SET} (all prompts): skipped for fewer than {len(images)} positive or "
+            f"negative images (positives+/negatives-): Cardiomegaly {positives}+/{len(images) - positives}-") in notes
     assert len(result.adherence) == 0 and "adherence" not in result.figures
+    # Impression labels come from the prompt's words: a prompt naming nothing is negative for all.
+    result = ev.evaluate(stage_config(EvalConfig, **{**cfg.__dict__, "out": str(tmp_path / "e-impression"),
+                                                     "adherence_labels": "impression"}), progress=False)
+    assert "adherence skipped for unknown" not in " ".join(result.notes)
+    truth = finding_truth(prompts)["Cardiomegaly"]
+    assert (f"adherence: {image_sets.REAL_TEST_SET} (all prompts): skipped for fewer than {len(images)} positive or "
+            f"negative images (positives+/negatives-): Cardiomegaly {int(truth.sum())}+/{int((~truth).sum())}-"
+            in " ".join(result.notes))
     with pytest.raises(CxrError, match="--adherence-scorer 'oracle' is not known"):
         ev.evaluate(stage_config(EvalConfig, pairs=str(pairs_csv), data_dir=str(synth), out=str(tmp_path / "e2"),
                                  generated=(str(few),), metrics=("adherence",), adherence_scorer="oracle"),

@@ -99,7 +99,7 @@ def test_each_declared_choice_has_exactly_one_implementation():
     choice and no other (else a declared choice would fail at the use site, or a dead one linger)."""
     import dataclasses
 
-    from cxr_helpers.evaluation.adherence import SCORERS
+    from cxr_helpers.evaluation.adherence import LABEL_DEFINITIONS, SCORERS
     from cxr_helpers.evaluation.features import FEATURE_NETS
     from cxr_helpers.evaluation.registry import METRICS
 
@@ -108,3 +108,4 @@ def test_each_declared_choice_has_exactly_one_implementation():
     assert tuple(METRICS) == choices["metrics"]  # the order too: it is the results table's
     assert set(FEATURE_NETS) == set(choices["feature_net"])
     assert set(SCORERS) == set(choices["adherence_scorer"])
+    assert set(LABEL_DEFINITIONS) == set(choices["adherence_labels"])

@@ -311,3 +311,23 @@ def test_splits_that_leave_a_side_empty_and_unknown_labels_are_refused(tmp_path,
     (tmp_path / "out" / "pairs.csv").write_text("")
     with pytest.raises(CxrError, match="not a readable CSV"):
         tables.load_pairs(tmp_path / "out" / "pairs.csv")
+
+
+def test_pairs_carry_the_impression_labels_and_their_agreement_with_mesh(synth_dir, tmp_path, tokenizer):
+    from cxr_helpers.data.impression_labels import LABEL_COLUMNS, impression_label_table
+
+    result = run(synth_dir, tmp_path / "out", tokenizer)
+    on_disk = tables.load_pairs(tmp_path / "out" / "pairs.csv")
+    assert set(LABEL_COLUMNS) <= set(on_disk.columns)
+    expected = impression_label_table(on_disk["prompt"])
+    for column in LABEL_COLUMNS:  # the labeller's own answer for each prompt, 1/0/-1 or empty
+        assert pd.to_numeric(on_disk[column]).fillna(9).tolist() == expected[column].fillna(9).astype(int).tolist()
+    agreement = result.summary["label_agreement_with_mesh"]
+    # The demo's impressions are written from the same findings as its MeSH: they agree (the positive control) ...
+    for finding in ("Cardiomegaly", "Effusion"):
+        assert agreement[finding]["impression_present"] > 5 and agreement[finding]["cohen_kappa"] > 0.9
+    # ... and MeSH shuffled across reports does not (the negative control).
+    reports = pd.read_csv(synth_dir / "indiana_reports.csv")
+    shuffled = reports.assign(MeSH=reports["MeSH"].sample(frac=1, random_state=0).to_numpy(),
+                              Problems=reports["Problems"].sample(frac=1, random_state=0).to_numpy())
+    assert labels.agreement_with_mesh(result.pairs, shuffled)["Cardiomegaly"]["cohen_kappa"] < 0.5  # few reports: noisy

@@ -229,6 +229,9 @@ class EvalConfig(Checked):
     adherence_scorer: str = setting("xrv", choices=("xrv", "geometry"), help="who scores the findings for prompt "
                                     "adherence: xrv (torchxrayvision's classifier) or geometry "
                                     "(the synthetic films' oracle, offline)")
+    adherence_labels: str = setting("impression", choices=("impression", "mesh"), help="labels for prompt adherence:"
+                                    " impression (the prompt's own words, for real and generated images alike) or "
+                                    "mesh (the MeSH/Problems coding of the reports with that impression)")
     adherence_min_cases: int = setting(5, min=1, help="a finding needs this many positive and negative images, "
                                        "else it is skipped")
     audit_percentile: float = setting(99.9, above=0.0, below=100.0, help="flag only above this percentile of "

@@ -1,11 +1,14 @@
-"""Report labels: which findings a report names, from its MeSH and Problems columns (the
-collection's own coding), mapped to the chest X-ray classifiers' finding names; per prompt, per
-report, and the MeSH term counts notebook 01 shows."""
+"""MeSH labels, the second label definition: which findings a report's MeSH and Problems columns
+name (the collection's own coding of the whole report, findings section included), mapped to
+the chest X-ray classifiers' finding names; per prompt, per report, the MeSH term counts notebook
+01 shows, and their agreement with the impression labeller (impression_labels.py, the first
+definition: the words the model sees)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from .impression_labels import PRESENT, UNCERTAIN, label_column
 from .tables import read_tables
 
 # MeSH / Problems major term (lower case, as in indiana_reports.csv) -> the classifier's finding
@@ -100,3 +103,39 @@ def findings_first(pairs: pd.DataFrame, data_dir, findings=GALLERY_FINDINGS) -> 
     normal = labels.index[~labels.any(axis=1)]
     picks += [i for i in normal if i not in picks][:1]
     return pd.concat([pairs.loc[picks], pairs.drop(index=picks)])
+
+
+def agreement_with_mesh(pairs: pd.DataFrame, reports: pd.DataFrame) -> dict:
+    """Per finding, over the reports in `pairs` (one row each, with its impression labels): how
+    many the impression names as present, how many MeSH/Problems code, both, the share that agree
+    and Cohen's kappa. Impressions that are uncertain about the finding are counted apart and left
+    out of the agreement. Empty when the reports carry no MeSH or Problems column."""
+    if not ({"MeSH", "Problems"} & set(reports.columns)) or not len(pairs):
+        return {}
+    one = pairs.drop_duplicates("uid")
+    mesh = report_labels(reports).reindex(one["uid"].astype(int).to_numpy()).fillna(False).astype(bool)
+    result = {}
+    for finding in mesh.columns:
+        column = label_column(finding)
+        if column not in one.columns:
+            continue
+        said = pd.to_numeric(one[column], errors="coerce").fillna(0).to_numpy()  # empty: not mentioned
+        uncertain = said == UNCERTAIN
+        a, b = said[~uncertain] == PRESENT, mesh[finding].to_numpy()[~uncertain]
+        result[finding] = {"reports": int(len(a)), "impression_present": int(a.sum()), "mesh_present": int(b.sum()),
+                           "both": int((a & b).sum()), "impression_uncertain": int(uncertain.sum()),
+                           "agreement": round(float((a == b).mean()), 4) if len(a) else None,
+                           "cohen_kappa": _kappa(a, b)}
+    return result
+
+
+def _kappa(a, b) -> float | None:
+    """Cohen's kappa of two boolean ratings (None when chance agreement is total)."""
+    import numpy as np
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not len(a):
+        return None
+    observed = float((a == b).mean())
+    expected = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
+    return None if expected >= 1 else round((observed - expected) / (1 - expected), 4)

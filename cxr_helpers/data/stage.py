@@ -22,6 +22,8 @@ from ..core.files import write_csv, write_json
 from ..core.ownership import owned
 from ..core.layout import (EXCLUDED_COLUMNS, EXCLUDED_CSV, PAIRS_COLUMNS, PAIRS_CSV, PAIRS_SPLITS, PREPARE_CONFIG_JSON,
                            PROJECTION_COLUMNS_NEEDED, SUMMARY_JSON, contained_image_path)
+from .impression_labels import impression_label_table
+from .labels import agreement_with_mesh
 from .prompts import clean_prompt, collapse_whitespace, count_tokens
 from .tables import read_tables, resolve_data_dir
 from ..models.tokenizer import load_tokenizer
@@ -173,7 +175,8 @@ def _split_kept(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     (nothing is written: an empty side would fail later, in train or evaluate)."""
     pairs = table[table["reason"] == ""].drop(columns=["reason", "impression", "_merge"]).reset_index(drop=True)
     pairs["split"] = split_pairs(pairs, cfg.split, cfg.test_fraction, cfg.seed)
-    pairs = pairs[list(PAIRS_COLUMNS)]
+    # One column per finding, from the impression (the text the model sees): 1, 0, -1 or empty.
+    pairs = pd.concat([pairs[list(PAIRS_COLUMNS)], impression_label_table(pairs["prompt"])], axis=1)
     sides = {s: int((pairs["split"] == s).sum()) for s in PAIRS_SPLITS}
     empty = [s for s, n in sides.items() if n == 0]
     if empty:
@@ -207,6 +210,8 @@ def summarize(pairs, excluded, table, reports, problem, cfg: PrepareConfig) -> d
             "median": float(pairs["n_tokens"].median()) if len(pairs) else None,
             "max": int(pairs["n_tokens"].max()) if len(pairs) else None,
         },
+        # The impression labeller against the collection's own MeSH/Problems coding, per finding.
+        "label_agreement_with_mesh": agreement_with_mesh(pairs, reports),
         "clean_prompts": cfg.clean_prompts,
         "projection": cfg.projection,
         "limit": cfg.limit,

@@ -1,8 +1,9 @@
 """Prompt adherence: does a film generated for a report's impression show that report's findings?
 
 A chest X-ray classifier scores each image for the findings it knows; the labels come from the
-report the prompt was taken from (its MeSH and Problems columns, mapped to the classifier's
-findings by REPORT_TERM_TO_FINDING). Per finding, the AUROC of the score against the label says
+words of the prompt itself (`data.impression_labels`: present, absent or uncertain), for a
+generated image and for a real film (its impression) alike; the reports' MeSH coding is the
+second definition, asked for by name. Per finding, the AUROC of the score against the label says
 how well the images separate the prompts that name the finding from those that do not: 0.5 is
 chance, 1 is perfect. Real test films, scored the same way, are the ceiling of what the classifier
 can see.
@@ -86,69 +87,116 @@ SCORERS = {"xrv": XRVClassifier, "geometry": GeometryOracle}
 
 # ---------------------------------------------------------------- the measure ----------------
 
-ADHERENCE_COLUMNS = ["set", "finding", "auroc", "ci_low", "ci_high", "positives", "negatives", "images", "scorer"]
+ADHERENCE_COLUMNS = ["set", "finding", "prompts", "auroc", "ci_low", "ci_high", "positives", "negatives", "images",
+                     "uncertain", "scorer", "labels"]
+# Which prompts a row covers: every image, or the images whose prompt is (seen) or is not (unseen)
+# word for word a training prompt, so recall of a training caption is told apart from following a new one.
+PROMPT_GROUPS = ("all", "seen", "unseen")
+LABEL_DEFINITIONS = {
+    "impression": "impression labeller (the prompt's own words)",
+    "mesh": "MeSH/Problems of the reports with that impression (majority)",
+}
 
 
-def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str,
-              min_cases: int) -> tuple[pd.DataFrame, list[str]]:
-    """Per finding both know, the AUROC of the scores against the labels (rows aligned); a finding
-    with fewer than `min_cases` positives or negatives is skipped, with a note naming the counts."""
+def adherence(name: str, scores: pd.DataFrame, labels: pd.DataFrame, scorer_name: str, min_cases: int,
+              prompts: str = "all", definition: str = "impression") -> tuple[pd.DataFrame, list[str]]:
+    """Per finding both know, the AUROC of the scores against the labels (rows aligned; a label
+    of <NA>, uncertain, leaves that image out of that finding); a finding with fewer than
+    `min_cases` positives or negatives is skipped, with a note naming the counts."""
     rows, skipped = [], []
     for finding in [f for f in scores.columns if f in labels.columns]:
-        truth = labels[finding].to_numpy(dtype=bool)
+        column = labels[finding].astype("boolean")
+        known = column.notna().to_numpy()
+        truth = column[known].to_numpy(dtype=bool)
         positives, negatives = int(truth.sum()), int((~truth).sum())
-        row = {"set": name, "finding": finding, "positives": positives, "negatives": negatives,
-               "images": len(truth), "scorer": scorer_name}
+        row = {"set": name, "finding": finding, "prompts": prompts, "positives": positives, "negatives": negatives,
+               "images": len(truth), "uncertain": int((~known).sum()), "scorer": scorer_name,
+               "labels": LABEL_DEFINITIONS[definition]}
         if min(positives, negatives) < min_cases:
             skipped.append(f"{finding} {positives}+/{negatives}-")
             continue
-        auc, low, high = auroc_with_interval(scores[finding].to_numpy(), truth)
+        auc, low, high = auroc_with_interval(scores[finding].to_numpy()[known], truth)
         rows.append({**row, "auroc": auc, "ci_low": low, "ci_high": high})
-    notes = [f"adherence: {name}: skipped for fewer than {min_cases} positive or negative images "
-             f"(positives+/negatives-): {', '.join(skipped)}"] if skipped else []  # one per set: up to 18 findings
+    notes = [f"adherence: {name} ({prompts} prompts): skipped for fewer than {min_cases} positive or negative "
+             f"images (positives+/negatives-): {', '.join(skipped)}"] if skipped else []  # one per set and group
     return pd.DataFrame(rows, columns=ADHERENCE_COLUMNS), notes
+
+
+def by_prompt_group(name: str, scores: pd.DataFrame, labels: pd.DataFrame, seen: np.ndarray, scorer_name: str,
+                    min_cases: int, definition: str) -> tuple[list[pd.DataFrame], list[str]]:
+    """adherence() over every image, then over the seen and the unseen prompts' images apart."""
+    parts, notes = [], []
+    for group, keep in zip(PROMPT_GROUPS, (np.ones(len(seen), bool), seen, ~seen), strict=True):
+        if group != "all" and not keep.any():
+            notes.append(f"adherence: {name}: no {group} prompts")
+            continue
+        table, skipped = adherence(name, scores[keep].reset_index(drop=True), labels[keep].reset_index(drop=True),
+                                   scorer_name, min_cases, group, definition)
+        parts.append(table)
+        notes += skipped if group == "all" else []  # the groups' skips follow from the counts in their rows
+    return parts, notes
 
 
 def prompt_adherence(cfg: EvalConfig, scorer, generated: list[tuple[str, ImageSet]], real: ImageSet,
                      data_dir: Path, progress: bool) -> tuple[pd.DataFrame, list[str]]:
-    """Per finding, the AUROC of the scorer's score against the label of the report each prompt
-    came from, for every generated set and for the real test films (the ceiling); and the notes
-    on what was left out."""
-    from ..data.labels import prompt_labels, report_labels
-    from ..data.tables import load_pairs, read_tables
-    from ..core.layout import REPORTS_CSV
+    """Per finding, the AUROC of the scorer's score against each image's label, for every
+    generated set and for the real test films (the ceiling), over all prompts and over the seen
+    and unseen ones apart; and the notes on what was left out. A generated image is labelled by
+    its prompt, a real film by its impression, through the same labeller (cfg.adherence_labels)."""
+    from ..data.tables import load_pairs
     from .image_sets import REAL_TEST_SET
 
-    reports, _ = read_tables(data_dir)
-    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
-        return pd.DataFrame(columns=ADHERENCE_COLUMNS), [
-            f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so "
-            "no report has a label; use the Kaggle dataset's original file"]
-    labels = report_labels(reports)
     pairs = load_pairs(cfg.pairs)
-    by_prompt = prompt_labels(pairs, labels)
-    parts, notes = [], []
-    for name, image_set in generated:
-        known = [i for i, prompt in enumerate(image_set.prompts) if prompt in by_prompt.index]
-        if not known:
-            notes.append(f"adherence skipped for {name}: none of its {len(set(image_set.prompts))} prompt(s) is the "
-                         f"impression of a report in {cfg.pairs}, so no image has a label; sample from that pairs.csv")
+    labeller, notes = make_labeller(cfg.adherence_labels, pairs, data_dir)
+    if labeller is None:
+        return pd.DataFrame(columns=ADHERENCE_COLUMNS), notes
+    seen_prompts = set(pairs.loc[pairs["split"] == "train", "prompt"])
+    prompt_of = dict(zip(pairs["filename"], pairs["prompt"], strict=True))
+    sets = [*generated, (REAL_TEST_SET, real)]
+    parts = []
+    for name, image_set in sets:
+        prompts = image_set.prompts if name != REAL_TEST_SET else [prompt_of[f] for f in real.files]
+        labels, known = labeller(prompts)
+        if not known.any():
+            notes.append(f"adherence skipped for {name}: none of its {len(set(prompts))} prompt(s) is the impression "
+                         f"of a report in {cfg.pairs}, so no image has a MeSH label; sample from that pairs.csv")
             continue
-        if len(known) < len(image_set.prompts):
-            notes.append(f"adherence: {name}: {len(image_set.prompts) - len(known)} image(s) whose prompt is no "
-                         "report's impression are left out")
-        scores = scorer.score(image_set.images[known], cfg.batch_size, progress)
-        truth = by_prompt.loc[[image_set.prompts[i] for i in known]].reset_index(drop=True)
-        table, skipped = adherence(name, scores, truth, scorer.name, cfg.adherence_min_cases)
-        parts.append(table)
+        if not known.all():
+            notes.append(f"adherence: {name}: {int((~known).sum())} image(s) whose prompt is no report's impression "
+                         "are left out")
+        scores = scorer.score(image_set.images[np.flatnonzero(known)], cfg.batch_size, progress)
+        seen = np.array([p in seen_prompts for p in prompts])[known]
+        tables, skipped = by_prompt_group(name, scores, labels[known].reset_index(drop=True), seen, scorer.name,
+                                          cfg.adherence_min_cases, cfg.adherence_labels)
+        parts += tables
         notes += skipped
-    uid_of = dict(zip(pairs["filename"], pairs["uid"].astype(int), strict=True))
-    truth = labels.reindex([uid_of[f] for f in real.files]).fillna(False).reset_index(drop=True)
-    scores = scorer.score(real.images, cfg.batch_size, progress)
-    table, skipped = adherence(REAL_TEST_SET, scores, truth, scorer.name, cfg.adherence_min_cases)
-    parts.append(table)
-    notes += skipped
-    table = pd.concat(parts, ignore_index=True)
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=ADHERENCE_COLUMNS)
     if not len(table):
         notes.append(f"adherence: no finding of {scorer.name} has enough positive and negative images in any set")
     return table, notes
+
+
+def make_labeller(definition: str, pairs: pd.DataFrame, data_dir: Path):
+    """(labeller, notes): labeller(prompts) -> (labels per finding: True, False or <NA>; which
+    prompts have labels). None with a note when the definition cannot label anything here."""
+    if definition == "impression":
+        from ..data.impression_labels import finding_truth
+
+        return (lambda prompts: (finding_truth(prompts), np.ones(len(prompts), bool))), []
+    from ..core.layout import REPORTS_CSV
+    from ..data.labels import prompt_labels, report_labels
+    from ..data.tables import read_tables
+
+    reports, _ = read_tables(data_dir)
+    if "MeSH" not in reports.columns and "Problems" not in reports.columns:
+        return None, [f"adherence skipped: {data_dir / REPORTS_CSV} has neither a MeSH nor a Problems column, so no "
+                      "report has a MeSH label; use the Kaggle dataset's original file, or --adherence-labels "
+                      "impression"]
+    by_prompt = prompt_labels(pairs, report_labels(reports))
+
+    def labeller(prompts):
+        known = np.array([p in by_prompt.index for p in prompts])
+        labels = by_prompt.reindex([p for p in prompts]).reset_index(drop=True)
+        return labels, known
+
+    return labeller, []

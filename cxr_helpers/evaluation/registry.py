@@ -130,9 +130,10 @@ def adherence_rows(run: EvalInputs) -> Measured:
         scorer = adh.SCORERS[cfg.adherence_scorer]()
     table, notes = adh.prompt_adherence(cfg, scorer, [(one.name, one) for one in run.generated_all], run.real,
                                         run.data_dir, run.progress)
+    # metrics.csv holds every image's AUROC; adherence.csv the seen and unseen prompts' apart too.
     return Measured([{"set": row.set, "metric": f"auroc_{row.finding.lower().replace(' ', '_')}", "value": row.auroc,
              "ci_low": row.ci_low, "ci_high": row.ci_high, "n_generated": row.images, "feature_network": row.scorer}
-            for row in table.itertuples()], table, notes)
+            for row in table.itertuples() if row.prompts == "all"], table, notes)
 
 
 @dataclass(frozen=True)

@@ -103,30 +103,35 @@ def diversity_per_prompt(diversity: pd.DataFrame, save_to=None):
 
 def adherence_bars(adherence: pd.DataFrame, save_to=None):
     """Prompt adherence: per finding, the AUROC of each set (base / fine-tuned / real test) with
-    its 95% interval; 0.5 (chance) drawn, 1 is perfect. Counts under each bar group."""
+    its 95% interval, one panel per prompt group (all prompts; those seen word for word in
+    training; the unseen ones); 0.5 (chance) drawn, 1 is perfect. Counts under each bar group."""
     findings = list(dict.fromkeys(adherence["finding"]))
     sets = list(dict.fromkeys(adherence["set"]))
+    groups = [g for g in ("all", "seen", "unseen") if g in set(adherence.get("prompts", pd.Series(["all"])))]
     width = 0.8 / max(1, len(sets))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(findings) * max(1, len(sets)) + 2), 3.8))
+    fig, axes = plt.subplots(1, len(groups), figsize=(len(groups) * max(5.0, 0.6 * len(findings) * len(sets) + 1.5),
+                                                      4.0), sharey=True, squeeze=False)
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#c44e52"]
-    for k, name in enumerate(sets):
-        part = adherence[adherence["set"] == name].set_index("finding").reindex(findings)
-        x = np.arange(len(findings)) + (k - (len(sets) - 1) / 2) * width
-        values = part["auroc"].astype(float).to_numpy()
-        err = [np.nan_to_num(values - part["ci_low"].astype(float).to_numpy()),
-               np.nan_to_num(part["ci_high"].astype(float).to_numpy() - values)]
-        ax.bar(x, np.nan_to_num(values), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=name)
-    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (0.5)")
-    labels = []
-    for finding in findings:
-        counts = adherence[adherence["finding"] == finding]
-        labels.append(finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-"
-                                                for r in counts.itertuples()))
-    ax.set_xticks(range(len(findings)), labels, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("AUROC of the score vs the prompt's label")
+    for ax, group in zip(axes[0], groups, strict=True):
+        rows = adherence[adherence["prompts"] == group] if "prompts" in adherence else adherence
+        for k, name in enumerate(sets):
+            part = rows[rows["set"] == name].set_index("finding").reindex(findings)
+            x = np.arange(len(findings)) + (k - (len(sets) - 1) / 2) * width
+            values = part["auroc"].astype(float).to_numpy()
+            err = [np.nan_to_num(values - part["ci_low"].astype(float).to_numpy()),
+                   np.nan_to_num(part["ci_high"].astype(float).to_numpy() - values)]
+            ax.bar(x, np.nan_to_num(values), width, yerr=err, capsize=3, color=colours[k % len(colours)], label=name)
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (0.5)")
+        labels = [finding + "\n" + " ".join(f"{int(r.positives)}+/{int(r.negatives)}-"
+                                             for r in rows[rows["finding"] == finding].itertuples())
+                  for finding in findings]
+        ax.set_xticks(range(len(findings)), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{group} prompts" + {"seen": " (in the training captions)", "unseen": " (new to the LoRA)"}
+                     .get(group, ""), fontsize=9)
+    axes[0][0].set_ylabel("AUROC of the score vs the prompt's label")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     scorers = sorted(set(adherence["scorer"]))
-    ax.set_title(textwrap.fill("Prompt adherence per finding (higher = the films show what the prompt says); "
-                               "scorer: " + "; ".join(scorers), 100), fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(textwrap.fill("Prompt adherence per finding (higher = the films show what the prompt says); "
+                               "scorer: " + "; ".join(scorers), 120), fontsize=9)
     return finish(fig, save_to)

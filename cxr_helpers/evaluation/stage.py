@@ -290,10 +290,16 @@ def results_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def adherence_table(adherence: pd.DataFrame) -> pd.DataFrame:
-    """One row per finding, one column per set: "AUROC [low, high] (positives+/negatives-)"."""
+    """One row per finding and prompt group (all, seen, unseen), one column per set:
+    "AUROC [low, high] (positives+/negatives-)"."""
+    from ..figures.style import MISSING
+
     if not len(adherence):
         return pd.DataFrame()
     cell = adherence.apply(lambda r: f"{r['auroc']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
                                      f"({r['positives']}+/{r['negatives']}-)", axis=1)
-    wide = adherence.assign(cell=cell).pivot(index="finding", columns="set", values="cell")
-    return wide[list(dict.fromkeys(adherence["set"]))]
+    wide = adherence.assign(cell=cell).pivot(index=["finding", "prompts"], columns="set", values="cell")
+    order = [group for group in adh.PROMPT_GROUPS if group in set(adherence["prompts"])]
+    wide = wide.reindex(pd.MultiIndex.from_product([list(dict.fromkeys(adherence["finding"])), order],
+                                                   names=["finding", "prompts"]))
+    return wide[list(dict.fromkeys(adherence["set"]))].dropna(how="all").fillna(MISSING)
