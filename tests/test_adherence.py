@@ -159,7 +159,13 @@ def test_xrv_classifier_scores_its_findings(tmp_path):
     save_file(xrv.models.DenseNet(weights=None, op_threshs=None).state_dict(), str(path))
     scorer = adh.XRVClassifier(str(path))
     scores = scorer.score(torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8), batch_size=2)
-    assert scores.shape == (3, len(scorer.findings)) and "Cardiomegaly" in scorer.findings
-    # every mapped finding is scored
-    assert set(scorer.findings) >= set(report_labelling.REPORT_TERM_TO_FINDING.values())
-    assert scores.notna().all().all()
+    assert scores.shape == (3, len(scorer.findings)) and scores.notna().all().all()
+    # The default weights never saw this collection, and score only what they were trained on
+    # (MIMIC-CXR's CheXpert labels: no Nodule, Mass, Emphysema, ... outputs).
+    assert scorer.features.model == "densenet121-res224-mimic_ch" and "OpenI" not in scorer.name
+    assert {"Cardiomegaly", "Effusion", "Atelectasis", "Lung Opacity"} <= set(scorer.findings)
+    assert not {"Nodule", "Mass", "Emphysema", "Hernia"} & set(scorer.findings)
+    # The weights that include OpenI score every mapped finding, and say what they saw.
+    every = adh.XRVClassifier(str(path), model="densenet121-res224-all")
+    assert set(every.findings) >= set(report_labelling.REPORT_TERM_TO_FINDING.values())
+    assert "INCLUDES OpenI" in every.name

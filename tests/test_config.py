@@ -100,7 +100,7 @@ def test_each_declared_choice_has_exactly_one_implementation():
     import dataclasses
 
     from cxr_helpers.evaluation.adherence import LABEL_DEFINITIONS, SCORERS
-    from cxr_helpers.evaluation.features import FEATURE_NETS
+    from cxr_helpers.evaluation.features import FEATURE_NETS, XRV_MODELS
     from cxr_helpers.evaluation.registry import METRICS
 
     choices = {f.name: f.metadata["rules"]["choices"] for f in dataclasses.fields(EvalConfig)
@@ -109,3 +109,4 @@ def test_each_declared_choice_has_exactly_one_implementation():
     assert set(FEATURE_NETS) == set(choices["feature_net"])
     assert set(SCORERS) == set(choices["adherence_scorer"])
     assert set(LABEL_DEFINITIONS) == set(choices["adherence_labels"])
+    assert set(XRV_MODELS) == set(choices["xrv_model"])

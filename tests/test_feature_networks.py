@@ -139,10 +139,16 @@ def test_xrv_fid_from_a_local_weights_file(pairs_csv, synth_dir, xrv_weights, tm
     result = ev.evaluate(cfg, progress=False)
     xrv_rows = result.table[result.table["metric"] == "fid_xrv"].set_index("set")
     assert list(xrv_rows.index) == ["copies", "real train (floor)"]
-    assert (xrv_rows["feature_network"] == features.XRVFeatures.name).all()
+    assert (xrv_rows["feature_network"] == features.xrv_name()).all() and "MIMIC-CXR" in features.xrv_name()
     # Random DenseNet weights give features in the hundreds: FID's float rounding scales with them.
     assert abs(xrv_rows.loc["copies", "value"]) < 1e-4 * xrv_rows.loc["real train (floor)", "value"]
     assert not any("XRV" in note for note in result.notes)
+    # The weights that saw this collection: used when asked for, named so in the table and the notes.
+    result = ev.evaluate(stage_config(EvalConfig, **{**cfg.__dict__, "out": str(tmp_path / "eval-all"),
+                                                     "xrv_model": "densenet121-res224-all"}), progress=False)
+    named = result.table.loc[result.table["metric"] == "fid_xrv", "feature_network"]
+    assert (named == features.xrv_name("densenet121-res224-all")).all() and named.str.contains("INCLUDES OpenI").all()
+    assert any("include OpenI, the Indiana University collection" in note for note in result.notes)
 
 
 def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch):
@@ -156,14 +162,14 @@ def test_xrv_weights_bad_or_missing(pairs_csv, synth_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path / "xrv-cache"))
     result = ev.evaluate(stage_config(EvalConfig, **base), progress=False)
     assert "fid_xrv" not in set(result.table["metric"])
-    assert any(note.startswith("XRV DenseNet FID skipped") and features.XRV_WEIGHTS_FILE in note
+    assert any(note.startswith("XRV DenseNet FID skipped") and features.xrv_weights_file() in note
                for note in result.notes)
     # Given but wrong: an error, not a silent skip.
     other = tmp_path / "other.safetensors"
     save_file({"features.conv0.weight": torch.zeros(1)}, str(other))
     for i, (weights, message) in enumerate([(other, "is not a state dict of torchxrayvision's DenseNet-121"),
                                             (tmp_path / "no-such-folder", "does not exist"),
-                                            (tmp_path, f"{features.XRV_WEIGHTS_FILE} are not in")]):
+                                            (tmp_path, f"{features.xrv_weights_file()} .* are not in")]):
         # A fresh --out each: the first evaluation's folder would refuse other weights as other settings.
         with pytest.raises(CxrError, match=message):
             ev.evaluate(stage_config(EvalConfig, **{**base, "out": str(tmp_path / f"eval-{i}")},
@@ -190,7 +196,7 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     released = xrv.models.DenseNet(weights=None, op_threshs=None)
     folder = tmp_path / "xrv"
     folder.mkdir()
-    torch.save(released, folder / features.XRV_WEIGHTS_FILE)
+    torch.save(released, folder / features.xrv_weights_file())
     net = features.XRVFeatures(str(folder)).net
     for name, value in released.state_dict().items():
         assert torch.equal(net.state_dict()[name], value), name
@@ -199,7 +205,7 @@ def test_xrv_release_file_is_read_as_tensors_and_a_pickle_payload_never_runs(pai
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil"
     evil.mkdir()
-    torch.save({"features.conv0.weight": _Payload(marker)}, evil / features.XRV_WEIGHTS_FILE)
+    torch.save({"features.conv0.weight": _Payload(marker)}, evil / features.xrv_weights_file())
     torch.save(_Payload(marker), tmp_path / "evil.pt")
     images, prompts = split_images(pairs_csv, synth_dir, "test")
     gen = write_set(tmp_path / "gen", images[:4], prompts[:4])

@@ -32,6 +32,10 @@ FITS = ("stretch", "pad", "crop")  # stretch = the seed's plain resize; pad and 
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "euler": "EulerDiscreteScheduler"}
 # The metrics evaluate computes, by name (evaluation/registry.METRICS holds what computes each).
+# torchxrayvision's DenseNet-121 weights (evaluation.features.XRV_MODELS holds their files); only
+# "-all" was trained on data that include OpenI, the collection evaluated here.
+XRV_MODELS = ("densenet121-res224-mimic_ch", "densenet121-res224-chex", "densenet121-res224-nih",
+              "densenet121-res224-pc", "densenet121-res224-all")
 EVAL_METRICS = ("fid", "kid", "is", "prdc", "diversity", "audit", "xrv", "adherence")
 CLIP_MAX_TOKENS = 77  # SD1.5's text encoder has 77 positions, start and end tokens included
 OVERWRITE_HELP = "the folder holds another run's output: move it aside first (else refused)"
@@ -213,8 +217,11 @@ class EvalConfig(Checked):
                                "standin: a labelled offline stand-in, for tests")
     feature_weights: str = setting("", path=True, help="local file of the Inception FID weights "
                                    "(weights-inception-2015-12-05-6726825d.pth), when offline")
-    xrv_weights: str = setting("", path=True, help="torchxrayvision's densenet121-res224-all: a .safetensors "
-                               "file, or a folder holding its release file; \"\" = its cache, else its download")
+    xrv_model: str = setting("densenet121-res224-mimic_ch", choices=XRV_MODELS, help="torchxrayvision's "
+                             "DenseNet weights for the domain FID and adherence: mimic_ch, chex, nih, pc never saw "
+                             "this collection; all includes it (OpenI), named so in every output")
+    xrv_weights: str = setting("", path=True, help="the --xrv-model weights: a .safetensors file, or a folder "
+                               "holding its release file; \"\" = its cache, else its download")
     n: int | None = setting(None, min=2, help="at most N images per set (the same N for every set compared)")
     real_floor: bool = setting(True, help="also score real train images against the real test images (the floor)")
     interval_groups: int = setting(20, min=0, help="jackknife groups per set for FID's 95% interval (0 = none)")

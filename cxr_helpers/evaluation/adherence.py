@@ -9,7 +9,8 @@ chance, 1 is perfect. Real test films, scored the same way, are the ceiling of w
 can see.
 
 Scorers are looked up by name in SCORERS:
-- "xrv": torchxrayvision's DenseNet-121 (`densenet121-res224-all`), the network of the domain FID;
+- "xrv": torchxrayvision's DenseNet-121 (`--xrv-model`, by default `densenet121-res224-mimic_ch`,
+  trained without this collection), the network of the domain FID;
 - "geometry": an oracle for the procedural films of `cxr_helpers.synthetic` only, which measures
   the heart's size and pleural effusion from the renderer's known geometry (geometry_oracle.py;
   no weights, no download): for offline tests and the smoke demo.
@@ -51,21 +52,21 @@ def auroc_with_interval(scores, labels, level: float = 0.95) -> tuple[float, flo
 # ---------------------------------------------------------------- scorers --------------------
 
 class XRVClassifier:
-    """torchxrayvision's DenseNet-121 (`densenet121-res224-all`): a score per pathology it was
-    trained on; its weights are handled as for the domain FID (`features.XRVFeatures`)."""
+    """torchxrayvision's DenseNet-121 (by default its MIMIC-CXR weights, which never saw this
+    collection): a score per pathology its weights were trained on; its weights are handled as
+    for the domain FID (`features.XRVFeatures`)."""
 
-    def __init__(self, weights: str | None = None, features=None):
-        from .features import XRVFeatures
+    def __init__(self, weights: str | None = None, features=None, model: str | None = None):
+        from .features import XRV_DEFAULT_MODEL, XRVFeatures
 
-        self.features = features or XRVFeatures(weights or None)
+        self.features = features or XRVFeatures(weights or None, model or XRV_DEFAULT_MODEL)
         import torchxrayvision as xrv
 
-        from .features import XRV_WEIGHTS_NAME
-
         self.net = self.features.net
-        self.name = f"torchxrayvision {XRV_WEIGHTS_NAME} classifier"
-        # A network built from a .safetensors state dict has no `pathologies`: the release's list.
-        self.outputs = list(getattr(self.net, "pathologies", None) or xrv.models.model_urls[XRV_WEIGHTS_NAME]["labels"])
+        self.name = f"{self.features.name}, classifier"
+        # The release's list per output ("" marks an output these weights never trained: not a
+        # finding they know); the DenseNet built here carries the 18 names of every output.
+        self.outputs = list(xrv.models.model_urls[self.features.model]["labels"])
         self.findings = tuple(p for p in self.outputs if p)
 
     @torch.no_grad()

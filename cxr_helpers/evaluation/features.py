@@ -27,9 +27,38 @@ from ..core.errors import CxrError, library_reason
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name (URL_INCEPTION_V3)
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE)
-XRV_WEIGHTS_NAME = "densenet121-res224-all"
-XRV_WEIGHTS_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
-XRV_WEIGHTS_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_WEIGHTS_FILE
+XRV_RELEASES = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+_XRV_FILE = "{}-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"  # the release files' pattern
+# torchxrayvision's DenseNet-121 weights (EvalConfig.xrv_model's choices): release file, trained on.
+# Only `-all` saw OpenI, which is the Indiana University collection itself: its scores and features
+# are tuned to the very films they judge, so it is used only when asked for, and named so.
+XRV_MODELS = {
+    "densenet121-res224-mimic_ch": (_XRV_FILE.format("mimic_ch"), "MIMIC-CXR, CheXpert labels"),
+    "densenet121-res224-chex": (_XRV_FILE.format("chex"), "CheXpert"),
+    "densenet121-res224-nih": (_XRV_FILE.format("nih"), "NIH ChestX-ray14"),
+    "densenet121-res224-pc": (_XRV_FILE.format("pc"), "PadChest"),
+    "densenet121-res224-all": (_XRV_FILE.format("nih-pc-chex-mimic_ch-google-openi-kaggle"),
+                               "NIH, PadChest, CheXpert, MIMIC-CXR, Google, RSNA and OpenI"),
+}
+XRV_INCLUDES_THIS_COLLECTION = ("densenet121-res224-all",)
+XRV_DEFAULT_MODEL = "densenet121-res224-mimic_ch"
+
+
+def xrv_weights_file(model: str = XRV_DEFAULT_MODEL) -> str:
+    return XRV_MODELS[model][0]
+
+
+def xrv_weights_url(model: str = XRV_DEFAULT_MODEL) -> str:
+    return XRV_RELEASES + xrv_weights_file(model)
+
+
+def xrv_name(model: str = XRV_DEFAULT_MODEL) -> str:
+    """How every output names the network: the weights, what they were trained on, and, for the
+    weights that saw this collection, that they are not independent of it."""
+    name = f"torchxrayvision {model} (trained on {XRV_MODELS[model][1]})"
+    if model in XRV_INCLUDES_THIS_COLLECTION:
+        name += "; INCLUDES OpenI, the IU collection evaluated here: not independent of these films"
+    return name
 STANDIN_NAME = "STAND-IN feature network (small random conv net, not Inception: not comparable to published FID/IS)"
 
 
@@ -167,38 +196,38 @@ def read_tensors_only(path: Path, allowed_classes=(), what: str = "weights file"
 
 
 class XRVFeatures(nn.Module):
-    """torchxrayvision's DenseNet-121 (all datasets, 224 px): 1024-d features, as RoentGen's
-    domain FID. Grayscale in [-1024, 1024].
+    """torchxrayvision's DenseNet-121 (224 px): 1024-d features, as RoentGen's domain FID; by
+    default the MIMIC-CXR weights, which never saw this collection (XRV_MODELS). Grayscale in
+    [-1024, 1024].
 
     weights: "" = torchxrayvision's release file (its cache, else downloaded); a directory = a
     folder holding that release file; a file = the release file itself or a .safetensors state
     dict. Nothing is unpickled: the project builds the DenseNet and reads only tensors into it
     (torchxrayvision's own loader would unpickle the release file with weights_only=False)."""
 
-    name = f"torchxrayvision {XRV_WEIGHTS_NAME}"
-    key = "xrv-densenet121-res224-all"
-
-    def __init__(self, weights: str | Path | None = None):
+    def __init__(self, weights: str | Path | None = None, model: str = XRV_DEFAULT_MODEL):
         super().__init__()
         with warnings.catch_warnings():  # its import silences every warning process-wide; keep that local
             import torchxrayvision as xrv  # raises ImportError when absent: the caller skips the metric
 
+        self.model, self.name, self.key = model, xrv_name(model), f"xrv-{model}"
+        file, url = xrv_weights_file(model), xrv_weights_url(model)
         self.net = xrv.models.DenseNet(weights=None, op_threshs=None)
         path = Path(weights).expanduser() if weights else None
         if path is not None and not path.exists():
-            raise CxrError(f"--xrv-weights {path} does not exist; pass the folder that holds {XRV_WEIGHTS_FILE} "
-                           f"(download {XRV_WEIGHTS_URL}) or a .safetensors state dict")
+            raise CxrError(f"--xrv-weights {path} does not exist; pass the folder that holds {file} "
+                           f"(download {url}) or a .safetensors state dict")
         if path is not None and path.is_file():
             local = path
         else:
             cache = path if path is not None else Path(xrv.utils.get_cache_dir()).expanduser()
-            local = cache / XRV_WEIGHTS_FILE
+            local = cache / file
             if not local.is_file():
                 if path is not None or not _github_reachable():
-                    raise CxrError(f"the torchxrayvision weights {XRV_WEIGHTS_FILE} are not in {cache} and "
-                                   f"there is no internet: download {XRV_WEIGHTS_URL} into that folder")
+                    raise CxrError(f"the torchxrayvision weights {file} ({model}) are not in {cache} and "
+                                   f"there is no internet: download {url} into that folder")
                 with contextlib.redirect_stdout(sys.stderr):  # its download messages are prints
-                    local = Path(xrv.models.get_weights(XRV_WEIGHTS_NAME, str(cache)))
+                    local = Path(xrv.models.get_weights(model, str(cache)))
         self.net.load_state_dict(self._state_dict(local, xrv))
         self.num_features = 1024
         self.eval()
@@ -221,7 +250,7 @@ class XRVFeatures(nn.Module):
             if isinstance(state, nn.Module):
                 state = state.state_dict()
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CxrError(f"--xrv-weights {path} holds no state dict of tensors; use {XRV_WEIGHTS_URL}")
+            raise CxrError(f"--xrv-weights {path} holds no state dict of tensors; use {xrv_weights_url(self.model)}")
         state = {k: v for k, v in state.items() if k != "op_threshs"}  # a buffer of thresholds, not weights
         missing, unexpected = [], []
         own = self.net.state_dict()
@@ -232,7 +261,7 @@ class XRVFeatures(nn.Module):
             detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
                       else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}")
             raise CxrError(f"--xrv-weights {path} is not a state dict of torchxrayvision's DenseNet-121 "
-                           f"({detail}); use {XRV_WEIGHTS_URL}")
+                           f"({detail}); use {xrv_weights_url(self.model)}")
         return state
 
     @staticmethod
@@ -256,9 +285,10 @@ def load_feature_net(cfg: EvalConfig) -> nn.Module:
 
 
 def load_xrv(cfg: EvalConfig, device: str, purpose: str) -> tuple[XRVFeatures | None, list[str]]:
-    """(the XRV DenseNet, []), or (None, a note saying why) when it cannot be had (it is optional)."""
+    """(the XRV DenseNet, notes), or (None, a note saying why) when it cannot be had (it is optional)."""
+    url = xrv_weights_url(cfg.xrv_model)
     try:
-        return XRVFeatures(cfg.xrv_weights or None).to(device), []
+        net = XRVFeatures(cfg.xrv_weights or None, cfg.xrv_model).to(device)
     except ImportError as exc:  # optional: skipped with a note, not fatal
         return None, [f"XRV DenseNet {purpose} skipped: torchxrayvision is not installed ({exc}); "
                       "pip install torchxrayvision"]
@@ -269,6 +299,10 @@ def load_xrv(cfg: EvalConfig, device: str, purpose: str) -> tuple[XRVFeatures | 
     except Exception as exc:  # its download failing
         if cfg.xrv_weights:  # weights the user named must load
             raise CxrError(f"--xrv-weights {cfg.xrv_weights} could not be loaded ({exc.__class__.__name__}); "
-                           f"download {XRV_WEIGHTS_URL}") from None
+                           f"download {url}") from None
         return None, [f"XRV DenseNet {purpose} skipped: {exc.__class__.__name__}: "
-                      f"{str(exc).splitlines()[0][:120]} (download {XRV_WEIGHTS_URL} and pass --xrv-weights FOLDER)"]
+                      f"{str(exc).splitlines()[0][:120]} (download {url} and pass --xrv-weights FOLDER)"]
+    notes = [f"XRV DenseNet ({purpose}): {cfg.xrv_model} was trained on data that include OpenI, the Indiana "
+             "University collection evaluated here: its features and scores are tuned to these very films; "
+             f"--xrv-model {XRV_DEFAULT_MODEL} never saw them"] if cfg.xrv_model in XRV_INCLUDES_THIS_COLLECTION else []
+    return net, notes
