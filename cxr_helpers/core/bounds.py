@@ -62,6 +62,6 @@ def json_depth(obj: Any) -> int:
     return deepest
 
 
-def check_film_pixels(width: int, height: int) -> bool:
+def film_may_be_decoded(width: int, height: int) -> bool:
     """Whether a film of this size may be decoded."""
     return width * height <= MAX_FILM_PIXELS

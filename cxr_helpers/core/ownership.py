@@ -85,15 +85,12 @@ def model_fingerprint(model: str, parts: tuple[str, ...] = ("", "unet", "vae", "
 
 def path_identity(value: Any) -> Any:
     """A path setting as an output's identity holds it: an existing file or folder by its content
-    (a relative and an absolute path to the same files are the same), a NAME=DIR item of a list
-    the same way, anything else (a hub id, "", None) as it is."""
+    (a relative and an absolute path to the same files are the same), each item of a list the same
+    way, anything else (a hub id, "", None) as it is."""
     if isinstance(value, (list, tuple)):
         return [path_identity(item) for item in value]
     if not isinstance(value, str) or not value:
         return value
-    name, sep, rest = value.partition("=")
-    if sep and not Path(value).expanduser().exists() and Path(rest).expanduser().exists():
-        return f"{name}={path_identity(rest)}"
     path = Path(value).expanduser()
     if path.is_file():
         return "file:" + content_digest(path)[:20]

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from ..core.bars import tqdm
-from ..core.bounds import MAX_FILM_PIXELS, check_film_pixels
+from ..core.bounds import MAX_FILM_PIXELS, film_may_be_decoded
 
 from ..core.errors import CxrError
 from ..core.files import atomic_path
@@ -56,7 +56,7 @@ def inspect_image(path: Path) -> tuple[str | None, int, int]:
         return "unreadable_image", 0, 0  # a decompression bomb (a huge header) is not a film either
     if width <= 0 or height <= 0:
         return "unreadable_image", 0, 0
-    if not check_film_pixels(width, height):
+    if not film_may_be_decoded(width, height):
         return "oversized_image", width, height
     return None, width, height
 
@@ -73,7 +73,7 @@ def inspect_images(paths: list[Path], workers: int = 8, progress: bool = True) -
 def _decode_full_image(path: Path) -> Image.Image:
     """Decode one full-size film (the slow step the cache exists to avoid)."""
     with Image.open(path) as im:
-        if not check_film_pixels(*im.size):
+        if not film_may_be_decoded(*im.size):
             raise CxrError(f"image {path} is {im.size[0]} x {im.size[1]} px, over the {MAX_FILM_PIXELS:,}-pixel bound "
                            "for a film; remove it from pairs.csv (prepare excludes it as oversized_image)")
         im.load()

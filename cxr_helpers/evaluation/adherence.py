@@ -197,7 +197,7 @@ def make_labeller(definition: str, pairs: pd.DataFrame, data_dir: Path):
 
     def labeller(prompts):
         known = np.array([p in by_prompt.index for p in prompts])
-        labels = by_prompt.reindex([p for p in prompts]).reset_index(drop=True)
+        labels = by_prompt.reindex(prompts).reset_index(drop=True)
         return labels, known
 
     return labeller, []

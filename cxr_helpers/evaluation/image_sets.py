@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config.stages import EvalConfig
-from ..core.bounds import check_film_pixels
+from ..core.bounds import film_may_be_decoded
 from ..core.errors import CxrError
 from ..core.files import read_csv
 from ..core.layout import METADATA_CSV
@@ -81,7 +81,7 @@ def generated_set(name: str, folder: Path, resolution: int) -> ImageSet:
     for row in meta.itertuples():
         try:
             with Image.open(folder / row.file) as im:
-                if not check_film_pixels(*im.size):
+                if not film_may_be_decoded(*im.size):
                     raise ValueError("over the pixel bound")  # counted as unreadable, never decoded
                 im = im.convert("L")
                 if im.size != (resolution, resolution):

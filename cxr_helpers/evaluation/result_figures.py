@@ -107,13 +107,13 @@ def adherence_bars(adherence: pd.DataFrame, save_to=None):
     training; the unseen ones); 0.5 (chance) drawn, 1 is perfect. Counts under each bar group."""
     findings = list(dict.fromkeys(adherence["finding"]))
     sets = list(dict.fromkeys(adherence["set"]))
-    groups = [g for g in ("all", "seen", "unseen") if g in set(adherence.get("prompts", pd.Series(["all"])))]
+    groups = [g for g in ("all", "seen", "unseen") if g in set(adherence["prompts"])]
     width = 0.8 / max(1, len(sets))
     fig, axes = plt.subplots(1, len(groups), figsize=(len(groups) * max(5.0, 0.6 * len(findings) * len(sets) + 1.5),
                                                       4.0), sharey=True, squeeze=False)
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#c44e52"]
     for ax, group in zip(axes[0], groups, strict=True):
-        rows = adherence[adherence["prompts"] == group] if "prompts" in adherence else adherence
+        rows = adherence[adherence["prompts"] == group]
         for k, name in enumerate(sets):
             part = rows[rows["set"] == name].set_index("finding").reindex(findings)
             x = np.arange(len(findings)) + (k - (len(sets) - 1) / 2) * width

@@ -26,7 +26,7 @@ from ..config.stages import EvalConfig, config_to_dict, output_identity
 from ..core.environment import cache_root, library_versions
 from ..core.errors import CxrError
 from ..core.files import staged_outputs, write_csv, write_json
-from ..core.ownership import owned
+from ..core.ownership import owned, path_identity
 from ..core.layout import (ADHERENCE_CSV, AUDIT_CSV, DIVERSITY_CSV, FIGURES_DIR, METRICS_CSV, METRICS_JSON,
                            STAGING_DIR)
 from .features import STANDIN_NAME, StandInFeatures, load_feature_net, load_xrv
@@ -66,7 +66,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True, feature_net: nn.Module | No
     # OUT is this run's while it runs (one evaluation at a time; another one's output is refused or,
     # with --overwrite, moved aside), but for its inputs inside it (notebook 04's samples/, the cache).
     inside = (STAGING_DIR, *top_names_inside(out, [cache_dir, data_dir, *(path for _, path in folders)]))
-    identity = output_identity(replace(cfg, data_dir=str(data_dir)))  # every input by its content
+    # Every input by its content; each generated set by its name and its folder's files.
+    identity = {**output_identity(replace(cfg, data_dir=str(data_dir), generated=())),
+                "generated": [f"{name}={path_identity(str(path))}" for name, path in folders]}
     with owned(out, "evaluate", identity, cfg.overwrite, ignore=inside, keep=inside):
         return _evaluate(cfg, folders, data_dir, out, cache_dir, progress, feature_net)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config.stages import SampleConfig
+from ..config.stages import SampleConfig, SynthesizeConfig, output_identity
 from ..core.bounds import check_image_count, check_prompt_sizes
 from ..core.environment import library_versions
 from ..core.errors import CxrError
 from ..core.files import atomic_path, read_user_json, write_csv, write_json
-from ..core.ownership import owned, path_identity
+from ..core.ownership import owned
 from ..config.presets import SD15_MODEL_ID
 from ..core.layout import SYNTHETIC_MANIFEST
 from ..models.generation import check_lora_dir
@@ -140,7 +140,7 @@ def synthesize(spec_path: str | Path, out: str | Path, model: str | None = None,
     out = Path(out)
     if lora:
         check_lora_dir(lora)  # before the folder is claimed: a bad LoRA writes nothing
-    identity = {"spec": spec, "model": path_identity(model), "lora": path_identity(lora or "")}
+    identity = {"spec": spec, **output_identity(SynthesizeConfig(model=model, lora=lora or ""))}
     with owned(out, "synthesize", identity, overwrite):
         cfg = SampleConfig(model=model, lora=lora or "", out=str(out / "generated"), prompts=[p for p, _ in jobs],
                            seed=int(spec.get("seed", 0)), steps=int(spec.get("steps", 20)),

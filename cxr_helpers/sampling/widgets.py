@@ -99,8 +99,9 @@ class PromptPanel:
                 "shorten it.") if size > MAX_PROMPT_BYTES else ""
 
     def _count(self, change=None) -> None:
-        if self.oversized():  # not tokenized: that alone would take minutes
-            self.tokens.value = f"<span style='color:#c44e52'>{self.oversized()}</span>"
+        too_long = self.oversized()
+        if too_long:  # not tokenized: that alone would take minutes
+            self.tokens.value = f"<span style='color:#c44e52'>{too_long}</span>"
             return
         n = self.token_count()
         over = n > CLIP_MAX_TOKENS
@@ -138,8 +139,9 @@ class PromptPanel:
         if not prompt:
             self._say("Type a prompt (or pick a common one) first.")
             return self.images
-        if self.oversized():
-            self._say(self.oversized())
+        too_long = self.oversized()
+        if too_long:
+            self._say(too_long)
             return self.images
         n_tokens = self.token_count()
         if self.strict.value and n_tokens > CLIP_MAX_TOKENS:
